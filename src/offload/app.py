@@ -220,8 +220,8 @@ class _TaskDecorator:
             retries=retries,
             backoff=o.pop("backoff", 1.0),
             backoff_max=o.pop("backoff_max", 300.0),
-            retry_on=tuple(o.pop("retry_on", (Exception,))),
-            dont_retry_on=tuple(o.pop("dont_retry_on", ())),
+            retry_on=_exception_types(o.pop("retry_on", (Exception,))),
+            dont_retry_on=_exception_types(o.pop("dont_retry_on", ())),
             deadline=o.pop("retry_deadline", None),
         )
         is_async = asyncio.iscoroutinefunction(fn)
@@ -229,10 +229,20 @@ class _TaskDecorator:
         config = TaskConfig(
             name=o.pop("name", None) or f"{fn.__module__}.{fn.__qualname__}",
             retry=policy,
-            max_deliveries=max_deliveries if max_deliveries is not None else retries + 3,
+            max_deliveries=max_deliveries if max_deliveries is not None else _default_deliveries(retries),
             executor=o.pop("executor", None) or ("async" if is_async else "thread"),
             **o,
         )
         task: Task[Any, Any] = Task(self.app, fn, config)
         self.app.register(task)
         return task
+
+
+def _exception_types(value: Any) -> tuple[Any, ...]:
+    """retry_on / dont_retry_on as a tuple (TaskConfig checks that it holds exception classes)."""
+    return tuple(value) if isinstance(value, tuple | list | set | frozenset) else (value,)
+
+
+def _default_deliveries(retries: Any) -> int:
+    """retries + 3, so that a couple of worker crashes do not eat a job's retries."""
+    return retries + 3 if isinstance(retries, int) else 1

@@ -155,7 +155,11 @@ def worker(
             argv.append("--burst")
         if broker:
             argv += ["--broker", broker]
-        load_app(app_path)  # fail here, once, rather than in every child
+        # Fail here, once, rather than in every child (which the supervisor would restart forever):
+        # load the app and open its store.
+        checked = _open(app_path, broker, must_exist=False)
+        checked.run_sync(lambda b: b.stats([]))
+        checked.close()
         sys.exit(Supervisor(argv, processes, burst, grace).run())
     app = _open(app_path, broker, must_exist=False)
     _run_worker(app, queue_list, concurrency, burst, grace)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from typing import Any
 
 import msgspec
@@ -61,4 +62,5 @@ class JobInfo(msgspec.Struct, kw_only=True):
 
     @property
     def delayed(self) -> bool:
-        return self.state is JobState.QUEUED and self.run_at > self.created_at
+        """Waiting for a time still in the future (a delay, an eta or a scheduled retry)."""
+        return self.state is JobState.QUEUED and self.run_at > time.time()

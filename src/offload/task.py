@@ -38,6 +38,11 @@ def check_queue_name(name: str) -> str:
     return name
 
 
+def _positive(value: object) -> bool:
+    """A real number of seconds above zero (not a bool, a string or NaN)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
 def _check_priority(priority: int) -> int:
     if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
         raise ConfigurationError(f"priority must be an int from 0 to {MAX_PRIORITY}, not {priority!r}")
@@ -60,17 +65,27 @@ class TaskConfig:
     def __post_init__(self) -> None:
         check_queue_name(self.queue)
         _check_priority(self.priority)
-        if self.timeout is not None and not self.timeout > 0:
+        if self.timeout is not None and not _positive(self.timeout):
             raise ConfigurationError(f"task {self.name!r}: timeout must be > 0 seconds or None")
         if not isinstance(self.max_deliveries, int) or self.max_deliveries < 1:
             raise ConfigurationError(f"task {self.name!r}: max_deliveries must be an int >= 1")
-        if self.retry.retries < 0:
-            raise ConfigurationError(f"task {self.name!r}: retries must be >= 0")
+        retry = self.retry
+        if not isinstance(retry.retries, int) or isinstance(retry.retries, bool) or retry.retries < 0:
+            raise ConfigurationError(f"task {self.name!r}: retries must be an int >= 0")
+        if not (_positive(retry.backoff) or retry.backoff == 0) or not _positive(retry.backoff_max):
+            raise ConfigurationError(f"task {self.name!r}: backoff must be >= 0 and backoff_max > 0 seconds")
+        if retry.deadline is not None and not _positive(retry.deadline):
+            raise ConfigurationError(f"task {self.name!r}: retry_deadline must be > 0 seconds or None")
+        for option, types in (("retry_on", retry.retry_on), ("dont_retry_on", retry.dont_retry_on)):
+            if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+                raise ConfigurationError(
+                    f"task {self.name!r}: {option} must be a tuple of exception classes, not {types!r}"
+                )
         if self.executor not in EXECUTORS:
             raise ConfigurationError(
                 f"task {self.name!r}: executor must be one of {', '.join(EXECUTORS)}, not {self.executor!r}"
             )
-        if self.result_ttl <= 0:
+        if not _positive(self.result_ttl):
             raise ConfigurationError(f"task {self.name!r}: result_ttl must be > 0 seconds")
 
 
@@ -94,11 +109,15 @@ class SendOptions:
             _check_priority(self.priority)
         if self.delay is not None and self.eta is not None:
             raise ConfigurationError("give delay or eta, not both")
-        if self.delay is not None and self.delay < 0:
-            raise ConfigurationError(f"delay must be >= 0 seconds, not {self.delay}")
+        if self.delay is not None and not (_positive(self.delay) or self.delay == 0):
+            raise ConfigurationError(f"delay must be >= 0 seconds, not {self.delay!r}")
+        if self.eta is not None and not (isinstance(self.eta, datetime) or _positive(self.eta)):
+            raise ConfigurationError(f"eta must be a datetime or epoch seconds, not {self.eta!r}")
+        if self.timeout is not None and not _positive(self.timeout):
+            raise ConfigurationError(f"timeout must be > 0 seconds, not {self.timeout!r}")
         if self.idempotency_key is not None and not (0 < len(self.idempotency_key) <= 255):
             raise ConfigurationError("idempotency_key must be 1 to 255 characters")
-        if self.idempotency_window <= 0:
+        if not _positive(self.idempotency_window):
             raise ConfigurationError("idempotency_window must be > 0 seconds")
 
     def eta_epoch(self, now: float) -> float | None:

@@ -18,7 +18,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -217,7 +217,7 @@ class SqliteBroker(Broker):
                     ).fetchall()
                 )
             if not picked:
-                return [], _next_due(conn)
+                return [], _next_due(conn, queues, now)
             if len(queues) > 1:
                 picked.sort(key=lambda r: (-r[1], r[2]))
                 del picked[limit:]
@@ -246,7 +246,7 @@ class SqliteBroker(Broker):
                 self._listener = WakeListener(self.path, loop)
             if self._listener is not None:
                 self._listener.event.clear()
-            deliveries, next_due = await self._write(op)
+            deliveries, next_due = await self._fetch_once(op)
             remaining = deadline - loop.time()
             if deliveries or remaining <= 0:
                 return deliveries
@@ -259,9 +259,38 @@ class SqliteBroker(Broker):
             except TimeoutError:
                 pass
 
+    async def _fetch_once(
+        self, op: Callable[[sqlite3.Connection], tuple[list[Delivery], float | None]]
+    ) -> tuple[list[Delivery], float | None]:
+        if self._writer is None:
+            await self.connect()
+        writer = self._writer
+        assert writer is not None
+        future = writer.submit(op)
+        try:
+            result: tuple[list[Delivery], float | None] = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The caller gave up (e.g. a worker told to stop). If the fetch already ran on the
+            # writer thread, nobody holds its leases: hand them back at once rather than leave
+            # the jobs to wait out their leases with a delivery counted against them.
+            future.add_done_callback(lambda done: self._hand_back(writer, done))
+            raise
+        return result
+
+    def _hand_back(self, writer: GroupCommitWriter, future: Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        deliveries: list[Delivery] = future.result()[0]
+        if deliveries:
+            writer.submit(self._settle_op([Settle(d, "release") for d in deliveries]), wakes=True)
+
     # -- settle --------------------------------------------------------------------------------
 
     async def settle(self, outcomes: Sequence[Settle]) -> list[bool]:
+        wakes = any(o.kind in ("retry", "release") for o in outcomes)
+        return await self._write(self._settle_op(outcomes), wakes=wakes)
+
+    def _settle_op(self, outcomes: Sequence[Settle]) -> Callable[[sqlite3.Connection], list[bool]]:
         def op(conn: sqlite3.Connection) -> list[bool]:
             now = time.time()
             accepted: list[bool] = []
@@ -308,8 +337,7 @@ class SqliteBroker(Broker):
             _count_finished(conn, finished, now)
             return accepted
 
-        wakes = any(o.kind in ("retry", "release") for o in outcomes)
-        return await self._write(op, wakes=wakes)
+        return op
 
     async def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
         def op(conn: sqlite3.Connection) -> list[bool]:
@@ -481,9 +509,17 @@ def _recover_expired_leases(conn: sqlite3.Connection, now: float) -> None:
     )
 
 
-def _next_due(conn: sqlite3.Connection) -> float | None:
-    """When the next delayed job becomes ready or the next lease expires, if any."""
-    due = conn.execute("SELECT min(run_at) FROM offload_jobs WHERE state = 'queued'").fetchone()[0]
+def _next_due(conn: sqlite3.Connection, queues: Sequence[str], now: float) -> float | None:
+    """When the next delayed job of these queues becomes ready or the next lease expires, if any.
+
+    Only future times count: a job already ready in a queue this fetch does not serve must not
+    make the fetch re-check in a busy loop.
+    """
+    marks = ",".join("?" * len(queues))
+    due = conn.execute(
+        f"SELECT min(run_at) FROM offload_jobs WHERE state = 'queued' AND queue IN ({marks}) AND run_at > ?",
+        (*queues, now),
+    ).fetchone()[0]
     lease = conn.execute("SELECT min(lease_expires_at) FROM offload_jobs WHERE state = 'running'").fetchone()[
         0
     ]

@@ -78,6 +78,11 @@ class GroupCommitWriter:
         self._conn.close()
 
     def _run_batch(self, batch: list[tuple[Operation, Future[Any], bool]]) -> None:
+        # Skip operations whose caller gave up (cancelled) before they started; the others can no
+        # longer be cancelled, so answering them below cannot fail and kill this thread.
+        batch = [entry for entry in batch if entry[1].set_running_or_notify_cancel()]
+        if not batch:
+            return
         conn = self._conn
         outcomes: list[tuple[bool, Any]] = []
         try:

@@ -40,6 +40,7 @@ class ProcessTaskError(Exception):
 class _Child:
     process: BaseProcess
     conn: multiprocessing.connection.Connection
+    ready: bool = False  # has imported the app (its start-up is not charged to a task's timeout)
 
 
 def _child_main(import_path: str, conn: multiprocessing.connection.Connection) -> None:
@@ -47,6 +48,7 @@ def _child_main(import_path: str, conn: multiprocessing.connection.Connection) -
     from offload.loader import load_app
 
     app = load_app(import_path)
+    conn.send_bytes(msgspec.json.encode(["ready"]))
     while True:
         try:
             request = conn.recv_bytes()
@@ -108,6 +110,9 @@ class ProcessPool:
                 self._idle.put_nowait(await asyncio.to_thread(self._spawn))
         child = await self._idle.get()
         try:
+            if not child.ready:
+                await self._receive(child)  # its ["ready"]: wait for the import, outside the timeout
+                child.ready = True
             child.conn.send_bytes(msgspec.json.encode([task.name, args, kwargs, attempt, created_at]))
             reply = await asyncio.wait_for(self._receive(child), timeout)
         except BaseException:

@@ -76,6 +76,7 @@ class Worker:
         if not self._stopping.is_set():
             log.info("worker stopping: no new jobs; %d running get %.0fs", len(self._running), self.grace)
         self._stopping.set()
+        self._slot_freed.set()  # wake a fetch loop waiting for a free slot, so the grace clock starts now
         if self._fetching is not None:
             self._fetching.cancel()
 

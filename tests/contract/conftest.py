@@ -1,0 +1,57 @@
+"""The contract suite runs every test once per broker.
+
+To add a broker, add one entry to BROKERS: a factory that, given the test's tmp_path, returns a
+URL to a fresh, empty store (and skips the test if the service is not reachable).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from offload import App
+from offload.brokers import Broker, broker_from_url
+
+
+def _memory(tmp_path: Path) -> str:
+    return f"memory://test-{uuid.uuid4().hex}"
+
+
+def _sqlite(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'offload.db'}"  # durability=strict is the default
+
+
+BROKERS: dict[str, Callable[[Path], str]] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+}
+
+
+@pytest.fixture(params=list(BROKERS))
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return BROKERS[request.param](tmp_path)
+
+
+@pytest.fixture
+async def broker(broker_url: str) -> AsyncIterator[Broker]:
+    """A connected broker on the test's store, closed afterwards."""
+    b = broker_from_url(broker_url)
+    await b.connect()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+async def app(broker_url: str) -> AsyncIterator[App]:
+    """An App on the test's store. Its broker connection is closed afterwards."""
+    a = App(broker_url, name="contract")
+    try:
+        yield a
+    finally:
+        await a.close_async()
+        a.close()
