@@ -71,6 +71,12 @@ def _open(app_path: str | None, broker: str | None, must_exist: bool = True) -> 
     url = urlsplit(app.broker_url)
     if must_exist and url.scheme == "sqlite":
         path = url.path[1:] if url.path.startswith("/") else url.path
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise OffloadError(
+                f"directory {directory!r} of the SQLite store {path!r} does not exist; "
+                "check --broker / OFFLOAD_BROKER_URL"
+            )
         if not os.path.exists(path):
             raise OffloadError(
                 f"no offload store at {path!r}: send a job or start a worker first, or set "
@@ -171,7 +177,10 @@ def _run_worker(app: App, queues: list[str], concurrency: int, burst: bool, grac
     async def run() -> None:
         w = Worker(app, queues, concurrency=concurrency, burst=burst, grace=grace)
         w.install_signal_handlers()
-        await w.run()
+        try:
+            await w.run()
+        finally:
+            await app.close_async()
 
     asyncio.run(run())
 

@@ -157,7 +157,9 @@ class TaskCall(Generic[P, R]):
                 delay=delay if delay is not None else (o.delay if eta is None else None),
                 eta=eta if eta is not None else (o.eta if delay is None else None),
                 idempotency_key=idempotency_key if idempotency_key is not None else o.idempotency_key,
-                idempotency_window=idempotency_window or o.idempotency_window,
+                idempotency_window=(
+                    idempotency_window if idempotency_window is not None else o.idempotency_window
+                ),
                 timeout=timeout if timeout is not None else o.timeout,
                 extra=o.extra,
             ),

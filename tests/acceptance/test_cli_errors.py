@@ -111,13 +111,6 @@ def test_cli_bad_input_gives_one_line_error_and_nonzero_exit(harness: Harness, t
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "brokers/sqlite_schema.connect() runs PRAGMA journal_mode=WAL before it checks that the "
-        "file is offload's, so a foreign SQLite file is switched to WAL mode (header bytes 18-19)"
-    ),
-)
 def test_cli_leaves_a_foreign_sqlite_file_byte_for_byte_unchanged(harness: Harness, tmp_path: Path) -> None:
     foreign = tmp_path / "users.db"
     make_foreign_sqlite(foreign)

@@ -169,6 +169,15 @@ async def test_priorities_order_delivery(broker: Broker) -> None:
     assert order == ["c", "b", "d", "a"]
 
 
+async def test_jobs_sent_in_one_batch_are_delivered_in_the_order_sent(broker: Broker) -> None:
+    batch = [item(args=(i,)) for i in range(200)]
+    enqueued = await broker.enqueue(batch)
+    order = []
+    while deliveries := await broker.fetch(["default"], 7, 0):
+        order.extend(d.job_id for d in deliveries)
+    assert order == [e.job_id for e in enqueued]
+
+
 async def test_delayed_job_is_not_delivered_before_its_eta(broker: Broker) -> None:
     eta = time.time() + 0.4
     delayed = await put(broker, eta=eta)

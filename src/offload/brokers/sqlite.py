@@ -212,14 +212,14 @@ class SqliteBroker(Broker):
                 picked.extend(
                     conn.execute(
                         "SELECT id, priority, run_at FROM offload_jobs WHERE state = 'queued' "
-                        "AND queue = ? AND run_at <= ? ORDER BY priority DESC, run_at LIMIT ?",
+                        "AND queue = ? AND run_at <= ? ORDER BY priority DESC, run_at, id LIMIT ?",
                         (name, now, limit),
                     ).fetchall()
                 )
             if not picked:
                 return [], _next_due(conn, queues, now)
             if len(queues) > 1:
-                picked.sort(key=lambda r: (-r[1], r[2]))
+                picked.sort(key=lambda r: (-r[1], r[2], r[0]))
                 del picked[limit:]
             order = {row[0]: i for i, row in enumerate(picked)}
             marks = ",".join("?" * len(picked))

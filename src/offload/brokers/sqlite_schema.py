@@ -105,6 +105,9 @@ def connect(path: str, synchronous: str, busy_timeout: float = 30.0) -> sqlite3.
         )
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        # Look before changing anything: a file that is not an offload store must be left as it
+        # was, so the WAL switch (which rewrites the header) comes after this check.
+        _refuse_foreign(conn, path)
         conn.execute("PRAGMA journal_mode=WAL")
     except sqlite3.DatabaseError as exc:
         raise BrokerError(_unusable(path, exc)) from exc
@@ -118,6 +121,17 @@ def connect(path: str, synchronous: str, busy_timeout: float = 30.0) -> sqlite3.
         conn.close()
         raise
     return conn
+
+
+def _refuse_foreign(conn: sqlite3.Connection, path: str) -> None:
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "offload_meta" not in tables:
+        conn.close()
+        raise BrokerError(
+            f"{path!r} is an SQLite database that offload did not create "
+            f"(it holds tables {', '.join(sorted(tables)[:5])}); use a separate file for "
+            "the offload broker"
+        )
 
 
 def _unusable(path: str, exc: Exception) -> str:

@@ -112,7 +112,6 @@ class Worker:
                 await asyncio.gather(*helpers, return_exceptions=True)
             await self._settler.drain()
             self._executors.close()
-            await self.app.close_async()
         log.info("worker stopped after %d job(s)", self.processed)
 
     async def _fetch_loop(self, broker: Broker) -> None:
