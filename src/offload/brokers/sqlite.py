@@ -91,7 +91,7 @@ class SqliteBroker(Broker):
         write_conn = await asyncio.to_thread(connect, self.path, sync)
         self._read_conn = await asyncio.to_thread(connect, self.path, sync)
         self._sender = WakeSender(self.path)
-        self._writer = GroupCommitWriter(write_conn, self._after_commit)
+        self._writer = GroupCommitWriter(write_conn, self._after_commit, sync)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="offload-sqlite-reader")
 
     async def close(self) -> None:
@@ -115,11 +115,14 @@ class SqliteBroker(Broker):
         if woke and self._sender is not None:
             self._sender.notify()
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T], wakes: bool = False) -> T:
+    async def _write(
+        self, op: Callable[[sqlite3.Connection], T], wakes: bool = False, durable: bool = True
+    ) -> T:
+        """Run a write on the group-commit thread; `durable=False` only for lease bookkeeping."""
         if self._writer is None:
             await self.connect()
         assert self._writer is not None
-        return await self._writer.run(op, wakes)
+        return await self._writer.run(op, wakes, durable)
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         if self._reader is None:
@@ -266,7 +269,7 @@ class SqliteBroker(Broker):
             await self.connect()
         writer = self._writer
         assert writer is not None
-        future = writer.submit(op)
+        future = writer.submit(op, durable=False)  # leases: a lost one means a redelivery
         try:
             result: tuple[list[Delivery], float | None] = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -295,17 +298,17 @@ class SqliteBroker(Broker):
             now = time.time()
             accepted: list[bool] = []
             finished: dict[str, int] = {}
+            acked = _ack_all(conn, [o for o in outcomes if o.kind == "ack"], now)
             for outcome in outcomes:
                 d = outcome.delivery
                 fence = (d.job_id, d.token, now)
                 if outcome.kind == "ack":
-                    cursor = conn.execute(
-                        "UPDATE offload_jobs SET state = 'succeeded', result = ?, error = NULL, "
-                        "finished_at = ?, expires_at = ? + result_ttl, lease_expires_at = NULL "
-                        "WHERE id = ? AND token = ? AND state = 'running' AND lease_expires_at > ?",
-                        (outcome.result, now, now, *fence),
-                    )
-                elif outcome.kind == "dead":
+                    ok = (d.job_id, d.token) in acked
+                    accepted.append(ok)
+                    if ok:
+                        finished[d.queue] = finished.get(d.queue, 0) + 1
+                    continue
+                if outcome.kind == "dead":
                     cursor = conn.execute(
                         "UPDATE offload_jobs SET state = 'dead', attempts = attempts + 1, "
                         "error = ?, finished_at = ?, lease_expires_at = NULL "
@@ -332,7 +335,7 @@ class SqliteBroker(Broker):
                     )
                 ok = cursor.rowcount == 1
                 accepted.append(ok)
-                if ok and outcome.kind in ("ack", "dead"):
+                if ok and outcome.kind == "dead":
                     finished[d.queue] = finished.get(d.queue, 0) + 1
             _count_finished(conn, finished, now)
             return accepted
@@ -352,7 +355,7 @@ class SqliteBroker(Broker):
                 for d in deliveries
             ]
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def cancel(self, job_id: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -478,6 +481,35 @@ class SqliteBroker(Broker):
 
 
 # -- SQL helpers (run on the writer or reader thread) ------------------------------------------
+
+
+ACK_CHUNK = 300  # rows per statement: 3 parameters each, far below SQLite's variable limit
+
+
+def _ack_all(conn: sqlite3.Connection, acks: Sequence[Settle], now: float) -> set[tuple[str, int]]:
+    """Mark every ack's job succeeded in one statement per chunk; return the (id, token) accepted.
+
+    One UPDATE ... FROM (VALUES ...) instead of one statement per job: the fencing conditions are
+    the same, checked row by row, and RETURNING says which leases were still current.
+    """
+    accepted: set[tuple[str, int]] = set()
+    for start in range(0, len(acks), ACK_CHUNK):
+        chunk = acks[start : start + ACK_CHUNK]
+        params: list[Any] = [now, now]
+        for outcome in chunk:
+            params += (outcome.delivery.job_id, outcome.delivery.token, outcome.result)
+        params.append(now)
+        values = ",".join(["(?, ?, ?)"] * len(chunk))
+        rows = conn.execute(
+            "UPDATE offload_jobs SET state = 'succeeded', result = v.column3, error = NULL, "
+            "finished_at = ?, expires_at = ? + result_ttl, lease_expires_at = NULL "
+            f"FROM (VALUES {values}) AS v WHERE offload_jobs.id = v.column1 "
+            "AND offload_jobs.token = v.column2 AND offload_jobs.state = 'running' "
+            "AND offload_jobs.lease_expires_at > ? RETURNING offload_jobs.id, offload_jobs.token",
+            params,
+        ).fetchall()
+        accepted.update((job_id, token) for job_id, token in rows)
+    return accepted
 
 
 def _held_key(conn: sqlite3.Connection, key: str, now: float) -> str | None:

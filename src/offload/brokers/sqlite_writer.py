@@ -5,6 +5,11 @@ queue and await its future; the thread takes everything waiting, runs it in one 
 transaction (a savepoint per operation, so one failing operation undoes only itself), commits
 once, and then answers every caller. With `synchronous=FULL` that is one fsync for the whole
 batch: durability without a commit per job.
+
+Lease bookkeeping (fetch, extend) is submitted as not durable: losing it to a power cut only
+means a job is delivered again, which at-least-once allows. Those operations are committed first,
+in their own transaction without an fsync, and answered at once, so a worker can start on its
+next jobs while the durable part of the batch (enqueues, outcomes) waits for the disk.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from offload.errors import BrokerError
@@ -23,6 +29,14 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 256
+
+
+@dataclass(slots=True)
+class _Entry:
+    op: Operation
+    future: Future[Any]
+    wakes: bool  # makes jobs ready: producers notify waiting workers after the commit
+    durable: bool
 
 
 class _Stop:
@@ -34,22 +48,25 @@ class GroupCommitWriter:
         self,
         conn: sqlite3.Connection,
         after_commit: Callable[[bool], None],
+        synchronous: str = "FULL",
         name: str = "offload-sqlite-writer",
     ) -> None:
         self._conn = conn
         self._after_commit = after_commit  # called with "did this batch make jobs ready?"
-        self._queue: queue.SimpleQueue[tuple[Operation, Future[Any], bool] | _Stop] = queue.SimpleQueue()
+        self._synchronous = synchronous
+        self._queue: queue.SimpleQueue[_Entry | _Stop] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, op: Operation, wakes: bool = False) -> Future[Any]:
-        """Queue `op`; `wakes` marks operations that make jobs ready (producers notify workers)."""
+    def submit(self, op: Operation, wakes: bool = False, durable: bool = True) -> Future[Any]:
         future: Future[Any] = Future()
-        self._queue.put((op, future, wakes))
+        self._queue.put(_Entry(op, future, wakes, durable))
         return future
 
-    async def run(self, op: Callable[[sqlite3.Connection], T], wakes: bool = False) -> T:
-        result: T = await asyncio.wrap_future(self.submit(op, wakes))
+    async def run(
+        self, op: Callable[[sqlite3.Connection], T], wakes: bool = False, durable: bool = True
+    ) -> T:
+        result: T = await asyncio.wrap_future(self.submit(op, wakes, durable))
         return result
 
     def close(self) -> None:
@@ -72,30 +89,34 @@ class GroupCommitWriter:
                     stop = True
                     break
                 batch.append(item)
-            self._run_batch(batch)
+            # Skip operations whose caller gave up (cancelled) before they started; the others
+            # can no longer be cancelled, so answering them cannot fail and kill this thread.
+            batch = [entry for entry in batch if entry.future.set_running_or_notify_cancel()]
+            light = [entry for entry in batch if not entry.durable]
+            durable = [entry for entry in batch if entry.durable]
+            if light:
+                self._run_transaction(light, fsync=False)
+            if durable:
+                self._run_transaction(durable, fsync=True)
             if stop:
                 break
         self._conn.close()
 
-    def _run_batch(self, batch: list[tuple[Operation, Future[Any], bool]]) -> None:
-        # Skip operations whose caller gave up (cancelled) before they started; the others can no
-        # longer be cancelled, so answering them below cannot fail and kill this thread.
-        batch = [entry for entry in batch if entry[1].set_running_or_notify_cancel()]
-        if not batch:
-            return
+    def _run_transaction(self, batch: list[_Entry], fsync: bool) -> None:
         conn = self._conn
-        outcomes: list[tuple[bool, Any]] = []
+        relaxed = not fsync and self._synchronous != "NORMAL"
         try:
+            if relaxed:
+                conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            error = BrokerError(f"SQLite broker cannot start a write transaction: {exc}")
-            for _, future, _ in batch:
-                future.set_exception(error)
+            self._fail(batch, BrokerError(f"SQLite broker cannot start a write transaction: {exc}"))
             return
-        for op, _, _ in batch:
+        outcomes: list[tuple[bool, Any]] = []
+        for entry in batch:
             conn.execute("SAVEPOINT op")
             try:
-                outcomes.append((True, op(conn)))
+                outcomes.append((True, entry.op(conn)))
                 conn.execute("RELEASE op")
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 conn.execute("ROLLBACK TO op")
@@ -108,16 +129,22 @@ class GroupCommitWriter:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            error = BrokerError(f"SQLite broker commit failed (nothing was written): {exc}")
-            for _, future, _ in batch:
-                future.set_exception(error)
+            self._fail(batch, BrokerError(f"SQLite broker commit failed (nothing was written): {exc}"))
             return
-        woke = any(wakes for (_, _, wakes), (ok, _) in zip(batch, outcomes, strict=True) if ok)
+        finally:
+            if relaxed:
+                conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        woke = any(entry.wakes for entry, (ok, _) in zip(batch, outcomes, strict=True) if ok)
         try:
             self._after_commit(woke)
         finally:
-            for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
+            for entry, (ok, value) in zip(batch, outcomes, strict=True):
                 if ok:
-                    future.set_result(value)
+                    entry.future.set_result(value)
                 else:
-                    future.set_exception(value)
+                    entry.future.set_exception(value)
+
+    @staticmethod
+    def _fail(batch: list[_Entry], error: BrokerError) -> None:
+        for entry in batch:
+            entry.future.set_exception(error)

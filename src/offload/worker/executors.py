@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import queue
 import signal
+import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -164,11 +167,102 @@ class ProcessPool:
             self._kill(child)
 
 
+class ThreadRunner:
+    """A fixed set of threads for sync tasks that wakes the event loop once per burst of results.
+
+    `run_in_executor` costs a self-pipe write and a loop wake-up for every job; here finished
+    jobs are queued and one scheduled callback hands all of them back, which matters when jobs
+    are short.
+    """
+
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._size = size
+        self._work: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._done: deque[tuple[asyncio.Future[Any], bool, Any]] = deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        self._threads: list[threading.Thread] = []
+
+    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        if not self._threads:
+            for n in range(self._size):
+                thread = threading.Thread(target=self._serve, name=f"offload-task-{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._work.put((fn, future))
+        return future
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            fn, future = item
+            try:
+                outcome: tuple[asyncio.Future[Any], bool, Any] = (future, True, fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting job
+                outcome = (future, False, exc)
+            with self._lock:
+                self._done.append(outcome)
+                if self._wake_pending:
+                    continue
+                self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._hand_back)
+            except RuntimeError:  # the loop closed while this job ran
+                return
+
+    def _hand_back(self) -> None:
+        with self._lock:
+            done = list(self._done)
+            self._done.clear()
+            self._wake_pending = False
+        for future, ok, value in done:
+            if future.cancelled():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._work.put(None)
+
+
+class _Deadline:
+    """Cancels the current task when its timeout passes: one timer, cheaper than asyncio.timeout."""
+
+    __slots__ = ("_handle", "_task", "expired")
+
+    def __init__(self, timeout: float | None) -> None:
+        self.expired = False
+        self._handle: asyncio.TimerHandle | None = None
+        task = asyncio.current_task()
+        if timeout is not None and task is not None:
+            loop = asyncio.get_running_loop()
+            self._task = task
+            self._handle = loop.call_at(loop.time() + timeout, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def timed_out(self) -> bool:
+        """After a CancelledError: was it this deadline (and nothing else) that cancelled us?"""
+        return self.expired and self._task.uncancel() == 0
+
+
 class Executors:
     """Runs one task invocation with its timeout, wherever its executor says."""
 
     def __init__(self, threads: int, processes: int, import_path: str | None) -> None:
-        self.threads = ThreadPoolExecutor(threads, thread_name_prefix="offload-task")
+        self.threads = ThreadRunner(threads, asyncio.get_running_loop())
         self.processes = ProcessPool(import_path, processes)
 
     async def run(
@@ -183,28 +277,30 @@ class Executors:
         executor = task.config.executor
         if executor == "process":
             try:
+                # The pool times only the run itself (not a new child's start-up), and kills
+                # the child when the wait ends early: a hard limit.
                 return await self.processes.run(task, args, kwargs, attempt, created_at, timeout)
             except TimeoutError:
                 raise TaskTimeout(
                     f"task {task.name!r} ran past its {timeout}s timeout; its process was killed"
                 ) from None
-        converted_args, converted_kwargs = task.convert_arguments(args, kwargs)
+        deadline = _Deadline(timeout)
         try:
+            converted_args, converted_kwargs = task.convert_arguments(args, kwargs)
             if executor == "async":
-                async with asyncio.timeout(timeout):
-                    result = await task.fn(*converted_args, **converted_kwargs)
+                result = await task.fn(*converted_args, **converted_kwargs)
             else:
-                loop = asyncio.get_running_loop()
-                future = loop.run_in_executor(
-                    self.threads, lambda: task.fn(*converted_args, **converted_kwargs)
-                )
                 # A thread cannot be stopped: past the timeout the job is failed (and may be
                 # retried) while the thread finishes in the background.
-                result = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise TaskTimeout(f"task {task.name!r} ran past its {timeout}s timeout") from None
+                result = await self.threads.run(lambda: task.fn(*converted_args, **converted_kwargs))
+        except asyncio.CancelledError:
+            if deadline.timed_out():
+                raise TaskTimeout(f"task {task.name!r} ran past its {timeout}s timeout") from None
+            raise
+        finally:
+            deadline.cancel()
         return encode_value(result)
 
     def close(self) -> None:
-        self.threads.shutdown(wait=False, cancel_futures=True)
+        self.threads.close()
         self.processes.close()
