@@ -86,6 +86,7 @@ class App:
         dont_retry_on: tuple[type[BaseException], ...] = (),
         retry_deadline: float | None = None,
         result_ttl: float = 86_400.0,
+        public: bool = False,
     ) -> _TaskDecorator: ...
 
     def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:  # type: ignore[misc]
@@ -98,6 +99,7 @@ class App:
             (default retries + 3, so a couple of worker crashes do not eat the retries).
         executor: "async" (async def, on the event loop), "thread" (plain def, the default),
             "process" (plain def in a child process, killed at its timeout).
+        public: the task may be submitted over the HTTP API (`offload api`).
         """
         decorator = _TaskDecorator(self, options)
         return decorator if fn is None else decorator(fn)
@@ -198,6 +200,7 @@ class _TaskDecorator:
             "dont_retry_on",
             "retry_deadline",
             "result_ttl",
+            "public",
         }
         unknown = set(options) - allowed
         if unknown:

@@ -61,6 +61,7 @@ class TaskConfig:
     priority: int = 0
     executor: Executor = "thread"
     result_ttl: float = 86_400.0
+    public: bool = False  # may be submitted over the HTTP API
 
     def __post_init__(self) -> None:
         check_queue_name(self.queue)
