@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
-from offload.brokers import Broker, broker_from_url
+from offload.brokers import Broker, Enqueued, broker_from_url
 from offload.errors import ConfigurationError, UnknownTaskError
 from offload.job_handle import Job
 from offload.message import DEFAULT_MAX_MESSAGE_BYTES, Message, encode
@@ -47,6 +47,7 @@ class App:
         self.portal = Portal()
         # "module:attribute" this app was loaded from, so process-pool children can import it.
         self.import_path: str | None = None
+        self._sync_broker: Broker | None = None  # the portal loop's broker, for sync sends
         self._brokers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = (
             weakref.WeakKeyDictionary()
         )
@@ -147,6 +148,7 @@ class App:
 
     def close(self) -> None:
         """Close the sync API's broker connection and its thread."""
+        self._sync_broker = None
         self.portal.close(self.close_async)
 
     # -- sending ---------------------------------------------------------------------------
@@ -162,14 +164,31 @@ class App:
         jobs: list[Job[Any]] = []
         for start in range(0, len(items), SEND_BATCH):
             batch = items[start : start + SEND_BATCH]
-            for (message, _), result in zip(batch, await broker.enqueue(batch), strict=True):
-                task = self.tasks.get(message.task)
-                return_type = task.return_type if task is not None else None
-                jobs.append(Job(self, result.job_id, result.created, return_type))
+            jobs.extend(self._jobs(batch, await broker.enqueue(batch)))
         return jobs
 
     def send_many(self, messages: Sequence[Message]) -> list[Job[Any]]:
-        return self.portal.call(lambda: self.send_many_async(messages))
+        """Enqueue many jobs from sync code; see `send_many_async`."""
+        if self._sync_broker is None:
+            self._sync_broker = self.portal.call(self.broker)
+        blocking = getattr(self._sync_broker, "enqueue_blocking", None)
+        if blocking is None:
+            return self.portal.call(lambda: self.send_many_async(messages))
+        # The broker can take a blocking caller directly (SQLite): skip the portal's hand-offs.
+        items = [(m, encode(m, self.max_message_bytes)) for m in messages]
+        jobs: list[Job[Any]] = []
+        for start in range(0, len(items), SEND_BATCH):
+            batch = items[start : start + SEND_BATCH]
+            jobs.extend(self._jobs(batch, blocking(batch)))
+        return jobs
+
+    def _jobs(self, batch: Sequence[tuple[Message, bytes]], results: Sequence[Enqueued]) -> list[Job[Any]]:
+        jobs: list[Job[Any]] = []
+        for (message, _), result in zip(batch, results, strict=True):
+            task = self.tasks.get(message.task)
+            return_type = task.return_type if task is not None else None
+            jobs.append(Job(self, result.job_id, result.created, return_type))
+        return jobs
 
     def job(self, job_id: str) -> Job[Any]:
         """A handle on an existing job by id."""

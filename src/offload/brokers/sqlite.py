@@ -144,6 +144,23 @@ class SqliteBroker(Broker):
         await self._write(op)
 
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
+        return await self._write(self._enqueue_op(items), wakes=True)
+
+    def enqueue_blocking(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
+        """`enqueue` for a sync caller on any thread, straight to the writer thread.
+
+        Going through an event loop would cost two more thread hand-offs per send; a blocking
+        sender can instead run its transaction itself when the writer is idle (see
+        GroupCommitWriter.call).
+        """
+        if self._writer is None:
+            raise RuntimeError("connect() the broker before enqueue_blocking()")
+        result: list[Enqueued] = self._writer.call(self._enqueue_op(items), wakes=True)
+        return result
+
+    def _enqueue_op(
+        self, items: Sequence[tuple[Message, bytes]]
+    ) -> Callable[[sqlite3.Connection], list[Enqueued]]:
         def op(conn: sqlite3.Connection) -> list[Enqueued]:
             now = time.time()
             out: list[Enqueued | None] = []
@@ -198,7 +215,7 @@ class SqliteBroker(Broker):
             created = iter(rows)
             return [e if e is not None else Enqueued(next(created)[0], True) for e in out]
 
-        return await self._write(op, wakes=True)
+        return op
 
     # -- fetch ---------------------------------------------------------------------------------
 
