@@ -89,6 +89,8 @@ class SqliteBroker(Broker):
             return
         sync = DURABILITY[self.durability]
         write_conn = await asyncio.to_thread(connect, self.path, sync)
+        # The writer waits for other processes' locks itself (sqlite_writer.begin_immediate).
+        write_conn.execute("PRAGMA busy_timeout=0")
         self._read_conn = await asyncio.to_thread(connect, self.path, sync)
         self._sender = WakeSender(self.path)
         self._writer = GroupCommitWriter(write_conn, self._after_commit, sync)

@@ -18,6 +18,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,6 +30,39 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 256
+LOCK_WAIT = 30.0  # seconds a write waits for another process's transaction before failing
+
+
+def begin_immediate(conn: sqlite3.Connection, wait: float = LOCK_WAIT) -> None:
+    _retry_locked(conn, "BEGIN IMMEDIATE", wait)
+
+
+def commit(conn: sqlite3.Connection, wait: float = LOCK_WAIT) -> None:
+    _retry_locked(conn, "COMMIT", wait)
+
+
+def _retry_locked(conn: sqlite3.Connection, statement: str, wait: float) -> None:
+    """Run BEGIN IMMEDIATE / COMMIT, waiting for another process's lock with short sleeps.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, so two worker processes
+    sharing a file would lose milliseconds on every collision. The writer connection is opened
+    with busy_timeout=0 and waits here instead: from 50 µs, doubling, never over 1 ms.
+    """
+    deadline = time.monotonic() + wait
+    pause = 0.00005
+    while True:
+        try:
+            conn.execute(statement)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise sqlite3.OperationalError(
+                    f"database is locked: another process held the write lock for over {wait:.0f}s"
+                ) from exc
+        time.sleep(pause)
+        pause = min(pause * 2, 0.001)
 
 
 @dataclass(slots=True)
@@ -128,7 +162,7 @@ class GroupCommitWriter:
         try:
             if relaxed:
                 conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
+            begin_immediate(conn)
         except sqlite3.Error as exc:
             self._fail(batch, BrokerError(f"SQLite broker cannot start a write transaction: {exc}"))
             return
@@ -153,7 +187,7 @@ class GroupCommitWriter:
                     conn.execute("RELEASE op")
                     outcomes.append((False, exc))
         try:
-            conn.execute("COMMIT")
+            commit(conn)
         except sqlite3.Error as exc:
             try:
                 conn.execute("ROLLBACK")
