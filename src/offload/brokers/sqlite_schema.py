@@ -114,7 +114,9 @@ def connect(path: str, synchronous: str, busy_timeout: float = 30.0) -> sqlite3.
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=OFF")
     conn.execute("PRAGMA temp_store=MEMORY")
-    conn.execute("PRAGMA cache_size=-16000")  # 16 MB page cache per connection
+    # 4 MB page cache per connection: the hot pages (ready index, recent rows) fit, and a worker
+    # process stays small (two connections each).
+    conn.execute("PRAGMA cache_size=-4000")
     try:
         _ensure_schema(conn, path)
     except BaseException:
