@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of offload against huey and dramatiq: `python -m bench.run`."""

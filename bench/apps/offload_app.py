@@ -1,0 +1,18 @@
+"""offload's benchmark app: one SQLite file per durability mode under BENCH_WORK_DIR."""
+
+from __future__ import annotations
+
+import os
+
+from bench import jobs
+from offload import App
+
+DURABILITY = os.environ.get("BENCH_OFFLOAD_DURABILITY", "strict")
+DB_PATH = os.path.join(os.path.abspath(os.environ.get("BENCH_WORK_DIR", ".")), f"offload-{DURABILITY}.db")
+
+app = App(f"sqlite:///{DB_PATH}?durability={DURABILITY}")
+
+
+@app.task(name="bench.job", retries=0)
+def job(kind: str, enqueued: float) -> None:
+    jobs.run(kind, enqueued)

@@ -1,0 +1,61 @@
+"""A producer process: sends benchmark jobs for one system and prints what it measured as JSON.
+
+    python -m bench.client SYSTEM enqueue-one|enqueue-bulk|paced --count N [--kind noop|cpu] [--rate R]
+
+The runner starts one per measurement, with the system's environment, so each starts cold and
+nothing of one system's client library lingers in another's measurement. Connection setup is
+done before the clock starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bench.systems import SYSTEMS, Producer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("system", choices=sorted(SYSTEMS))
+    parser.add_argument("action", choices=["enqueue-one", "enqueue-bulk", "paced"])
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--kind", default="noop", choices=["noop", "cpu"])
+    parser.add_argument("--rate", type=float, default=200.0, help="jobs/s for `paced`")
+    args = parser.parse_args()
+
+    producer = SYSTEMS[args.system].producer()
+    producer.connect()
+    out: dict[str, float] = {"count": args.count}
+    try:
+        begin = time.perf_counter()
+        if args.action == "enqueue-bulk":
+            producer.send_bulk(args.kind, args.count)
+        elif args.action == "enqueue-one":
+            for _ in range(args.count):
+                producer.send_one(args.kind, 0.0)
+        else:
+            out["late_max_s"] = _paced(producer, args.kind, args.count, args.rate, begin)
+        out["seconds"] = time.perf_counter() - begin
+    finally:
+        producer.close()
+    print(json.dumps(out))
+
+
+def _paced(producer: Producer, kind: str, count: int, rate: float, begin: float) -> float:
+    """Send at `rate` jobs/s, each stamped with its enqueue time; returns the worst lateness."""
+    late = 0.0
+    for i in range(count):
+        due = begin + i / rate
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        else:
+            late = max(late, now - due)
+        producer.send_one(kind, time.time())
+    return late
+
+
+if __name__ == "__main__":
+    main()
