@@ -54,10 +54,11 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
 
 
 class Harness:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, url: str | None = None) -> None:
+        """`url`: the broker (default: an SQLite file in tmp_path)."""
         self.tmp_path = tmp_path
         self.db = tmp_path / "offload.db"
-        self.url = f"sqlite:///{self.db}"  # an absolute path: sqlite:////tmp/...
+        self.url = url or f"sqlite:///{self.db}"  # an absolute path: sqlite:////tmp/...
         self.records_dir = tmp_path / "records"
         self.records_dir.mkdir()
         self.logs_dir = tmp_path / "logs"

@@ -7,13 +7,15 @@ URL to a fresh, empty store (and skips the test if the service is not reachable)
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from offload import App
 from offload.brokers import Broker, broker_from_url
+
+from . import postgres_store, redis_store
 
 
 def _memory(tmp_path: Path) -> str:
@@ -27,12 +29,24 @@ def _sqlite(tmp_path: Path) -> str:
 BROKERS: dict[str, Callable[[Path], str]] = {
     "memory": _memory,
     "sqlite": _sqlite,
+    "redis": redis_store.redis_url,
+    "postgres": postgres_store.postgres_url,
+}
+
+# Optional teardown per broker, given the URL its factory made (e.g. delete the test's keys).
+CLEANUPS: dict[str, Callable[[str], None]] = {
+    "redis": redis_store.cleanup,
+    "postgres": postgres_store.cleanup,
 }
 
 
 @pytest.fixture(params=list(BROKERS))
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return BROKERS[request.param](tmp_path)
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    url = BROKERS[request.param](tmp_path)
+    yield url
+    cleanup = CLEANUPS.get(request.param)
+    if cleanup is not None:
+        cleanup(url)
 
 
 @pytest.fixture

@@ -2,30 +2,46 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle
-from offload.errors import ConfigurationError
-
-SCHEMES = {
-    "memory": "offload.brokers.memory:MemoryBroker",
-    "sqlite": "offload.brokers.sqlite:SqliteBroker",
-}
+from offload.errors import ConfigurationError, MissingExtraError
 
 __all__ = ["Broker", "Delivery", "Enqueued", "QueueStats", "Settle", "broker_from_url"]
 
 
+class _Kind(NamedTuple):
+    module: str
+    cls: str
+    client: str | None  # the client library an optional extra installs
+    extra: str | None
+
+
+SCHEMES: dict[str, _Kind] = {
+    "memory": _Kind("offload.brokers.memory", "MemoryBroker", None, None),
+    "sqlite": _Kind("offload.brokers.sqlite", "SqliteBroker", None, None),
+    "redis": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
+    "rediss": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
+    "postgresql": _Kind("offload.brokers.postgres", "PostgresBroker", "asyncpg", "postgres"),
+    "postgres": _Kind("offload.brokers.postgres", "PostgresBroker", "asyncpg", "postgres"),
+}
+
+
 def broker_from_url(url: str) -> Broker:
-    """Make an (unconnected) broker for `url`: memory://, sqlite:///path.db, ..."""
+    """Make an (unconnected) broker for `url`: sqlite:///path.db, redis://, postgresql://, memory://."""
     scheme = urlsplit(url).scheme
-    if scheme == "memory":
-        from offload.brokers.memory import MemoryBroker
-
-        return MemoryBroker(url)
-    if scheme == "sqlite":
-        from offload.brokers.sqlite import SqliteBroker
-
-        return SqliteBroker(url)
-    raise ConfigurationError(
-        f"unknown broker URL {url!r}: use sqlite:///offload.db (the embedded default) or memory:// (tests)"
-    )
+    kind = SCHEMES.get(scheme)
+    if kind is None:
+        raise ConfigurationError(
+            f"unknown broker URL {url!r}: use sqlite:///offload.db (the embedded default), "
+            "redis://host:6379/0, postgresql://user@host/db, or memory:// (tests)"
+        )
+    if kind.client is not None:
+        try:
+            importlib.import_module(kind.client)
+        except ImportError:
+            raise MissingExtraError(scheme, kind.extra or scheme) from None
+    broker: Broker = getattr(importlib.import_module(kind.module), kind.cls)(url)
+    return broker

@@ -1,0 +1,506 @@
+"""The Redis broker: queues, leases and results in Redis, for workers on any number of hosts.
+
+    redis://[[user]:password@]host:6379/0?prefix=offload:&require_noeviction=true
+    rediss://...   (TLS)
+
+Every state change is one Lua script (see redis_scripts), so it is atomic, and every batchable
+operation is one script call: an enqueue batch, a fetch of up to `limit` jobs, a batch of
+outcomes, a batch of lease renewals. Jobs are leased, not popped: a fetch moves each job to a
+lease with a fencing token and an expiry, and a later fetch recovers expired leases (requeue, or
+dead-letter past max_deliveries). A fetch with nothing ready blocks in BLPOP on per-queue signal
+lists that enqueues push to, capped by the time of the next delayed job or lease expiry.
+
+Durability is Redis's: with `appendonly yes` and `appendfsync always` an acknowledged enqueue
+survives a crash of the Redis host; see docs/brokers/redis.md for the other modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import msgspec
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from offload.brokers import redis_keys as keys
+from offload.brokers import redis_scripts as lua
+from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, lease_seconds
+from offload.brokers.redis_url import parse_redis_url
+from offload.errors import BrokerError, QueueFull
+from offload.job import JobInfo, JobState
+from offload.message import Message, decode, decode_value
+
+log = logging.getLogger("offload.broker")
+
+# A waiting fetch blocks at most this long per BLPOP, well inside the socket timeout.
+MAX_BLOCK = 5.0
+# Shorter waits are slept: Redis checks blocking timeouts only every 1/hz s (100 ms by default).
+MIN_BLOCK = 0.01
+SOCKET_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64  # per broker (one per event loop); the URL's max_connections overrides it
+# An enqueue batch with more body bytes than this stages its bodies first (see _stage).
+STAGE_BYTES = 32 * 1024 * 1024
+STAGE_TTL = 3600
+
+_JOB_FIELDS = (
+    b"queue",
+    b"task",
+    b"state",
+    b"prio",
+    b"run_at",
+    b"created",
+    b"deliv",
+    b"att",
+    b"maxd",
+    b"started",
+    b"finished",
+    b"worker",
+    b"ikey",
+    b"body",
+    b"result",
+    b"error",
+)
+
+
+class RedisBroker(Broker):
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0") -> None:
+        self.url = url
+        self._redis_url, self.prefix, self.require_noeviction = parse_redis_url(url)
+        self.namespace = keys.keyspace(self.prefix)
+        parts = urlsplit(self._redis_url)
+        self.where = f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._route = [self.namespace + keys.QUEUES]  # KEYS[1] of every script: the namespace's slot
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn redis-py's exceptions into one-line BrokerErrors that say what to do."""
+        where = self.where
+        try:
+            yield
+        except rex.AuthenticationError as exc:
+            raise BrokerError(
+                f"Redis at {where} refused the credentials: {exc}; check the user and password in "
+                "OFFLOAD_BROKER_URL"
+            ) from exc
+        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            raise BrokerError(
+                f"cannot reach Redis at {where}: {exc}; is it running? check OFFLOAD_BROKER_URL"
+            ) from exc
+        except rex.ResponseError as exc:
+            text = str(exc)
+            if text.startswith("OOM"):
+                hint = "Redis is out of memory (maxmemory reached): raise maxmemory or drain the queues"
+            elif text.startswith("READONLY"):
+                hint = "this is a read-only replica: point OFFLOAD_BROKER_URL at the primary"
+            elif text.startswith("MISCONF"):
+                hint = "Redis cannot persist to disk and refuses writes: check the Redis server's log"
+            elif text.startswith("NOPERM"):
+                hint = "the Redis user lacks a permission offload needs (scripts, lists, sorted sets)"
+            else:
+                hint = "unexpected reply"
+            raise BrokerError(f"Redis at {where}: {hint} ({text})") from exc
+
+    async def connect(self) -> None:
+        if self._client is not None:
+            return
+        # Past max_connections, commands wait for a free connection rather than fail.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._redis_url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=SOCKET_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_keepalive=True,
+            # No silent re-sends: a script whose reply was lost may have run. Callers see a
+            # BrokerError and decide (the worker retries its fetch; enqueue is safe to re-send).
+            retry=Retry(NoBackoff(), 0),
+        )
+        client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        try:
+            with self._errors():
+                await client.ping()
+            await self._check_eviction_policy(client)
+        except BaseException:
+            await client.aclose()
+            raise
+        self._scripts = {
+            name: client.register_script(getattr(lua, name))
+            for name in (
+                "ENQUEUE",
+                "FETCH",
+                "SETTLE",
+                "EXTEND",
+                "CANCEL",
+                "STATS",
+                "DEAD_JOBS",
+                "DEAD_IDS",
+                "PURGE",
+                "PRUNE",
+            )
+        }
+        self._client = client
+
+    async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
+        try:
+            with self._errors():
+                config = await client.config_get("maxmemory-policy")
+        except BrokerError as exc:
+            if isinstance(exc.__cause__, rex.ResponseError):
+                log.debug("cannot read maxmemory-policy from Redis at %s: %s", self.where, exc)
+                return  # managed Redis often forbids CONFIG
+            raise
+        policy = _text(cast(Any, config).get("maxmemory-policy") or "")  # redis-py decodes CONFIG replies
+        if not policy or policy == "noeviction":
+            return
+        message = (
+            f"Redis at {self.where} has maxmemory-policy={policy}: when it fills up it may evict "
+            "offload's jobs, leases and results, losing acknowledged work. Set "
+            "`maxmemory-policy noeviction` (then a full Redis refuses enqueues instead)"
+        )
+        if self.require_noeviction:
+            raise BrokerError(message + "; refusing to start because the URL has require_noeviction=true")
+        log.warning("!!! %s !!!", message)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            await self.connect()
+        assert self._client is not None
+        return self._client
+
+    async def _run(self, name: str, args: Sequence[Any]) -> Any:
+        await self._redis()
+        with self._errors():
+            return await self._scripts[name](keys=self._route, args=[self.namespace, *args])
+
+    # -- enqueue -------------------------------------------------------------------------------
+
+    async def declare_queue(self, name: str, max_depth: int | None) -> None:
+        client = await self._redis()
+        with self._errors():
+            await client.hset(self.namespace + keys.QUEUES, name, "" if max_depth is None else str(max_depth))
+
+    async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
+        if not items:
+            return []
+        meta = [
+            (
+                m.id,
+                m.queue,
+                m.task,
+                m.priority,
+                "" if m.eta is None else repr(float(m.eta)),
+                repr(float(m.created_at or time.time())),
+                repr(lease_seconds(m.timeout)),
+                m.max_deliveries,
+                repr(float(m.result_ttl)),
+                False if m.idempotency_key is None else m.idempotency_key,
+                int(m.idempotency_window * 1000),
+                len(body),
+            )
+            for m, body in items
+        ]
+        if sum(len(body) for _, body in items) <= STAGE_BYTES:
+            reply = await self._run("ENQUEUE", [_pack(meta), b"".join(body for _, body in items)])
+        else:
+            reply = await self._run("ENQUEUE", [_pack(meta), b"", await self._stage(items)])
+        if reply[0] == b"full":
+            _, queue, depth, bound, rate = reply
+            raise QueueFull(_text(queue), int(depth), int(bound), float(rate))
+        return [Enqueued(_text(reply[i]), bool(reply[i + 1])) for i in range(1, len(reply), 2)]
+
+    async def _stage(self, items: Sequence[tuple[Message, bytes]]) -> str:
+        """Write a large batch's bodies to a transient hash, in commands of bounded size.
+
+        Redis caps one argument at 512 MB and a command at the client query buffer (1 GB); the
+        enqueue script then moves the bodies into the jobs, all or nothing. If it never runs, the
+        staging key expires.
+        """
+        client = await self._redis()
+        key = f"{self.namespace}{keys.STAGE}{uuid.uuid4().hex}"
+        chunk: dict[int, bytes] = {}
+        size = 0
+        with self._errors():
+            for position, (_, body) in enumerate(items, 1):
+                chunk[position] = body
+                size += len(body)
+                if size >= STAGE_BYTES:
+                    await cast(Any, client.hset(key, mapping=cast(Any, chunk)))
+                    chunk, size = {}, 0
+            if chunk:
+                await cast(Any, client.hset(key, mapping=cast(Any, chunk)))
+            await cast(Any, client.expire(key, STAGE_TTL))
+        return key
+
+    # -- fetch ---------------------------------------------------------------------------------
+
+    async def fetch(self, queues: Sequence[str], limit: int, wait: float) -> list[Delivery]:
+        if limit <= 0 or not queues:
+            return []
+        client = await self._redis()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        signals = [self.namespace + keys.SIGNAL + q for q in queues]
+        while True:
+            deliveries, next_due = await self._take(queues, limit)
+            remaining = deadline - loop.time()
+            if deliveries or remaining <= 0:
+                return deliveries
+            pause = min(remaining, MAX_BLOCK)
+            if next_due is not None:
+                pause = min(pause, next_due + 0.001)
+            if pause < MIN_BLOCK:
+                await asyncio.sleep(pause)  # due in a moment: shorter than Redis's timer tick
+                continue
+            with self._errors():
+                await cast(Any, client.blpop(signals, timeout=pause))
+
+    async def _take(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
+        call = asyncio.ensure_future(self._run("FETCH", [limit, self.worker_name, len(queues), *queues]))
+        try:
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The caller gave up (a worker told to stop). If the script ran, nobody holds its
+            # leases: hand them back at once instead of leaving them to expire.
+            call.add_done_callback(self._hand_back)
+            raise
+        return _deliveries(reply)
+
+    def _hand_back(self, call: asyncio.Future[Any]) -> None:
+        if call.cancelled() or call.exception() is not None:
+            return
+        deliveries, _ = _deliveries(call.result())
+        if deliveries:
+            task = asyncio.ensure_future(self.settle([Settle(d, "release") for d in deliveries]))
+            self._background.add(task)
+            task.add_done_callback(self._handed_back)
+
+    def _handed_back(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning(
+                "handing back leases of a cancelled fetch failed (they will expire): %s", task.exception()
+            )
+
+    # -- settle --------------------------------------------------------------------------------
+
+    async def settle(self, outcomes: Sequence[Settle]) -> list[bool]:
+        if not outcomes:
+            return []
+        meta = []
+        payloads = []
+        for o in outcomes:
+            payload = o.result if o.kind == "ack" else o.error
+            data = payload.encode() if isinstance(payload, str) else (payload or b"")
+            payloads.append(data)
+            meta.append(
+                (
+                    o.delivery.job_id,
+                    str(o.delivery.token),
+                    o.kind,
+                    payload is not None,
+                    len(data),
+                    float(o.delay),
+                )
+            )
+        return [bool(ok) for ok in await self._run("SETTLE", [_pack(meta), b"".join(payloads)])]
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        if not deliveries:
+            return []
+        meta = [(d.job_id, str(d.token), float(d.lease_seconds)) for d in deliveries]
+        return [bool(ok) for ok in await self._run("EXTEND", [_pack(meta)])]
+
+    async def cancel(self, job_id: str) -> bool:
+        return bool(await self._run("CANCEL", [job_id]))
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobInfo | None:
+        client = await self._redis()
+        with self._errors():
+            values = await cast(Any, client.hmget(self.namespace + keys.JOB + job_id, _JOB_FIELDS))
+        return _job_info(job_id, values)
+
+    async def _get_jobs(self, job_ids: Sequence[str]) -> list[JobInfo]:
+        client = await self._redis()
+        with self._errors():
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hmget(self.namespace + keys.JOB + job_id, _JOB_FIELDS)
+                rows = await pipe.execute()
+        infos = [_job_info(job_id, values) for job_id, values in zip(job_ids, rows, strict=True)]
+        return [info for info in infos if info is not None]
+
+    async def wait_job(self, job_id: str, timeout: float) -> JobInfo | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.001
+        while True:
+            info = await self.get_job(job_id)
+            remaining = deadline - loop.time()
+            if info is None or info.state.finished or remaining <= 0:
+                return info
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.05)
+
+    async def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        names = list(queues) if queues is not None else []
+        reply = await self._run("STATS", [len(names), *names])
+        out = []
+        for i in range(0, len(reply), 7):
+            queue, ready, delayed, running, dead, bound, rate = reply[i : i + 7]
+            out.append(
+                QueueStats(
+                    queue=_text(queue),
+                    ready=int(ready),
+                    delayed=int(delayed),
+                    running=int(running),
+                    dead=int(dead),
+                    max_depth=int(bound) if bound else None,
+                    drain_rate=float(rate),
+                )
+            )
+        if queues is None:
+            out.sort(key=lambda s: s.queue)
+        return out
+
+    async def dead_jobs(self, queue: str | None = None, limit: int = 100) -> list[JobInfo]:
+        if limit <= 0:
+            return []
+        ids = await self._run("DEAD_IDS", [queue or "", limit])
+        return await self._get_jobs([_text(i) for i in ids])
+
+    # -- operator verbs --------------------------------------------------------------------------
+
+    async def _dead(self, action: str, job_ids: Sequence[str] | None, queue: str | None) -> int:
+        if job_ids is not None and not job_ids:
+            return 0
+        ids = list(job_ids) if job_ids is not None else []
+        return int(await self._run("DEAD_JOBS", [action, queue or "", "1" if job_ids else "0", *ids]))
+
+    async def replay_dead(self, job_ids: Sequence[str] | None = None, queue: str | None = None) -> int:
+        return await self._dead("replay", job_ids, queue)
+
+    async def purge_dead(self, job_ids: Sequence[str] | None = None, queue: str | None = None) -> int:
+        return await self._dead("purge", job_ids, queue)
+
+    async def purge(self, queue: str) -> int:
+        total = 0
+        while gone := int(await self._run("PURGE", [queue])):
+            total += gone
+        return total
+
+    async def prune(self) -> int:
+        total = 0
+        while True:
+            pruned = int(await self._run("PRUNE", []))
+            total += pruned
+            if pruned < keys.CHUNK:
+                return total
+
+
+# -- decoding replies -------------------------------------------------------------------------------
+
+
+_pack = msgspec.msgpack.Encoder().encode  # batch metadata for the scripts (Lua's cmsgpack decodes it)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _deliveries(reply: list[Any]) -> tuple[list[Delivery], float | None]:
+    count, next_due = int(reply[0]), reply[1]
+    out = []
+    for i in range(2, 2 + 7 * count, 7):
+        job_id, queue, body, token, deliveries, attempts, lease = reply[i : i + 7]
+        out.append(
+            Delivery(
+                _text(job_id),
+                _text(queue),
+                bytes(body),
+                int(token),
+                int(deliveries),
+                int(attempts),
+                float(lease),
+            )
+        )
+    return out, (float(next_due) if next_due else None)
+
+
+def _opt_float(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _job_info(job_id: str, values: list[bytes | None]) -> JobInfo | None:
+    (
+        queue,
+        task,
+        state,
+        prio,
+        run_at,
+        created,
+        deliveries,
+        attempts,
+        max_deliveries,
+        started,
+        finished,
+        worker,
+        key,
+        body,
+        result,
+        error,
+    ) = values
+    if state is None or queue is None or task is None:
+        return None
+    try:
+        message = decode(body or b"")
+        args, kwargs = message.args, message.kwargs
+    except (msgspec.DecodeError, msgspec.ValidationError):  # a malformed body still has a record
+        args, kwargs = (), {}
+    return JobInfo(
+        id=job_id,
+        task=task.decode(),
+        queue=queue.decode(),
+        state=JobState(state.decode()),
+        priority=int(prio or 0),
+        args=args,
+        kwargs=kwargs,
+        deliveries=int(deliveries or 0),
+        attempts=int(attempts or 0),
+        max_deliveries=int(max_deliveries or 0),
+        created_at=float(created or 0),
+        run_at=float(run_at or 0),
+        started_at=_opt_float(started),
+        finished_at=_opt_float(finished),
+        result=decode_value(result),
+        error=None if error is None else error.decode(),
+        worker=None if worker is None else worker.decode(),
+        idempotency_key=None if key is None else key.decode(),
+    )
