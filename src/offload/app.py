@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
-from offload.brokers import Broker, Enqueued, broker_from_url
+from offload.brokers import Broker, Enqueued, Settle, broker_from_url
 from offload.errors import ConfigurationError, UnknownTaskError
 from offload.job_handle import Job
 from offload.message import DEFAULT_MAX_MESSAGE_BYTES, Message, encode
@@ -23,12 +23,17 @@ DEFAULT_BROKER = "sqlite:///offload.db"
 # send_many splits larger lists into batches of this size: one transaction / round trip each.
 SEND_BATCH = 5_000
 
+# Called by the worker with (message, outcome) just before it settles an "ack" or "dead" outcome.
+CompletionHook = Callable[[Message, Settle], Awaitable[None]]
+
 
 class App:
     """The entry point: `app = App()`, `@app.task(...)`, `task.send(...)`, `offload worker mod:app`.
 
     broker: a URL (sqlite:///offload.db, memory://, ...); default OFFLOAD_BROKER_URL, else
             sqlite:///offload.db in the current directory.
+    webhook_secret: signs webhook notifications (default OFFLOAD_WEBHOOK_SECRET, read when a
+            notification is sent; a job with a webhook and no secret is never notified unsigned).
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class App:
         *,
         name: str = "offload",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        webhook_secret: str | None = None,
     ) -> None:
         self.broker_url = broker or os.environ.get("OFFLOAD_BROKER_URL") or DEFAULT_BROKER
         broker_from_url(self.broker_url)  # validate the URL now, not at first send
@@ -51,6 +57,13 @@ class App:
         self._brokers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = (
             weakref.WeakKeyDictionary()
         )
+        self.webhook_secret = webhook_secret
+        self.completion_hooks: list[CompletionHook] = []
+        # Queues every worker of this app serves besides the ones it is given (notifications).
+        self.system_queues: list[str] = []
+        from offload.api.notify import install_webhooks  # late: notify registers a task on this App
+
+        install_webhooks(self)
 
     def __repr__(self) -> str:
         return f"<App {self.name} broker={self.broker_url}>"
@@ -88,6 +101,7 @@ class App:
         retry_deadline: float | None = None,
         result_ttl: float = 86_400.0,
         public: bool = False,
+        webhook: str | None = None,
     ) -> _TaskDecorator: ...
 
     def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:  # type: ignore[misc]
@@ -101,6 +115,8 @@ class App:
         executor: "async" (async def, on the event loop), "thread" (plain def, the default),
             "process" (plain def in a child process, killed at its timeout).
         public: the task may be submitted over the HTTP API (`offload api`).
+        webhook: an http(s) URL POSTed a signed notification when a job of this task succeeds
+            or is dead-lettered (a per-send `options(webhook=...)` overrides it).
         """
         decorator = _TaskDecorator(self, options)
         return decorator if fn is None else decorator(fn)
@@ -220,6 +236,7 @@ class _TaskDecorator:
             "retry_deadline",
             "result_ttl",
             "public",
+            "webhook",
         }
         unknown = set(options) - allowed
         if unknown:

@@ -196,13 +196,168 @@ def _run_worker(app: App, queues: list[str], concurrency: int, burst: bool, grac
     show_envvar=True,
     help="Stop after this many seconds (default: run until Ctrl-C).",
 )
+@click.option(
+    "--port",
+    default=8000,
+    type=click.IntRange(0, 65535),
+    show_envvar=True,
+    help="Port of the HTTP API on 127.0.0.1 (no auth: insecure-local); 0 picks a free one.",
+)
 @broker_option
 @fail_cleanly
-def run(app_path: str, processes: int, concurrency: int, duration: float | None, broker: str | None) -> None:
-    """All in one: worker processes plus, for the demo app, a producer printing what happens."""
+def run(
+    app_path: str, processes: int, concurrency: int, duration: float | None, port: int, broker: str | None
+) -> None:
+    """All in one: worker processes, the HTTP API on 127.0.0.1, and for the demo app a producer."""
     from offload.runner import run_all_in_one
 
-    sys.exit(run_all_in_one(app_path, processes, concurrency, duration, broker))
+    sys.exit(run_all_in_one(app_path, processes, concurrency, duration, broker, port))
+
+
+MIB = 1024 * 1024
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("app_path", envvar="OFFLOAD_APP", metavar="MODULE:ATTR")
+@click.option("--host", default="127.0.0.1", show_envvar=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, type=click.IntRange(0, 65535), show_envvar=True)
+@click.option(
+    "--keys-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="API keys made by `offload keys create` (reloaded when it changes).",
+)
+@click.option(
+    "--insecure-local",
+    is_flag=True,
+    show_envvar=True,
+    help="No authentication; listens on 127.0.0.1 only.",
+)
+@click.option(
+    "--max-body-bytes",
+    default=MIB,
+    type=click.IntRange(1),
+    show_envvar=True,
+    help="Larger request bodies are refused (413) before they are read.",
+)
+@broker_option
+@fail_cleanly
+def api(
+    app_path: str,
+    host: str,
+    port: int,
+    keys_file: str | None,
+    insecure_local: bool,
+    max_body_bytes: int,
+    broker: str | None,
+) -> None:
+    """Serve the HTTP API of MODULE:ATTR: submit jobs, follow them, queues, dead letters."""
+    from offload.api.auth import KeyStore
+
+    if insecure_local and keys_file:
+        raise OffloadError("give --keys-file or --insecure-local, not both")
+    if not insecure_local and not keys_file:
+        raise OffloadError(
+            "offload api needs API keys: create one with `offload keys create --scopes submit,read "
+            "--keys-file offload-keys.json` and pass --keys-file offload-keys.json (or use "
+            "--insecure-local for an unauthenticated server on 127.0.0.1)"
+        )
+    if insecure_local and host != "127.0.0.1":
+        click.echo(f"--insecure-local listens on 127.0.0.1 only (not {host})", err=True)
+        host = "127.0.0.1"
+    keys = KeyStore.open(keys_file) if keys_file else None
+    if keys is not None and not keys.active():
+        click.echo(f"warning: {keys_file} holds no active key; every request will get 401", err=True)
+    app = _open(app_path, broker, must_exist=False)
+    from offload.api.app import create_api
+    from offload.api.server import bind, make_server, url_of
+
+    asgi = create_api(app, keys=keys, insecure_local=insecure_local, max_body_bytes=max_body_bytes)
+    sock = bind(host, port)
+
+    async def serve() -> None:
+        import signal
+
+        await app.broker()  # a store that cannot be opened fails here, once, with its reason
+        server = make_server(asgi)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        auth = "no auth: insecure-local" if insecure_local else f"keys from {keys_file}"
+        click.echo(f"offload api: {app_path} on {url_of(sock)} ({auth}); broker {app.broker_url}")
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            await app.close_async()
+
+    asyncio.run(serve())
+
+
+@main.group(context_settings=CONTEXT)
+def keys() -> None:
+    """API keys for `offload api`: create (shown once, stored hashed), list, revoke."""
+
+
+def keys_file_option(fn: F) -> F:
+    return click.option(
+        "--keys-file",
+        type=click.Path(dir_okay=False),
+        default="offload-keys.json",
+        show_envvar=True,
+        help="The keys file `offload api --keys-file` reads.",
+    )(fn)
+
+
+@keys.command("create", context_settings=CONTEXT)
+@click.option("--scopes", required=True, help="Comma-separated: submit, read, admin (admin implies all).")
+@click.option("--rate", default=None, help="Per-key rate limit per API process: N/s, N/m or N/h.")
+@click.option("--name", default=None, help="A label for `offload keys list`.")
+@keys_file_option
+@fail_cleanly
+def keys_create(scopes: str, rate: str | None, name: str | None, keys_file: str) -> None:
+    """Create a key and print it once; the keys file keeps only its SHA-256."""
+    from offload.api.auth import KeyStore
+
+    store = KeyStore.open(keys_file, create=True)
+    key, secret = store.create(scopes, rate, name)
+    click.echo(secret)
+    click.echo(
+        f"created key {key.id} (scopes {','.join(sorted(key.scopes))}, rate {key.rate or 'unlimited'}) "
+        f"in {keys_file}; it is shown only this once",
+        err=True,
+    )
+
+
+@keys.command("list", context_settings=CONTEXT)
+@keys_file_option
+@fail_cleanly
+def keys_list(keys_file: str) -> None:
+    """Every key's id, scopes, rate and state (never the key)."""
+    import time
+
+    from offload.api.auth import KeyStore
+
+    row = "{:<14} {:<20} {:<10} {:<20} {:<8} {}"
+    click.echo(row.format("id", "scopes", "rate", "created", "state", "name"))
+    for key in KeyStore.open(keys_file).all():
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(key.created_at))
+        state = "active" if key.revoked_at is None else "revoked"
+        scopes = ",".join(sorted(key.scopes))
+        click.echo(row.format(key.id, scopes, key.rate or "-", created, state, key.name or ""))
+
+
+@keys.command("revoke", context_settings=CONTEXT)
+@click.argument("key_id")
+@keys_file_option
+@fail_cleanly
+def keys_revoke(key_id: str, keys_file: str) -> None:
+    """Revoke a key by id; running servers refuse it within a second."""
+    from offload.api.auth import KeyStore
+
+    if not KeyStore.open(keys_file).revoke(key_id):
+        raise OffloadError(f"no active key {key_id!r} in {keys_file} (see `offload keys list`)")
+    click.echo(f"revoked key {key_id}")
 
 
 @main.command(context_settings=CONTEXT)

@@ -25,19 +25,19 @@ class PaymentGatewayTimeout(Exception):
     """The (simulated) payment gateway did not answer in time."""
 
 
-@app.task(name="demo.thumbnail", timeout=10)
+@app.task(name="demo.thumbnail", public=True, timeout=10)
 def thumbnail(image_id: int, width: int) -> dict[str, Any]:
     time.sleep(random.uniform(0.02, 0.08))  # decoding and resizing, roughly
     return {"url": f"https://cdn.example/img/{image_id}-{width}w.webp", "width": width}
 
 
-@app.task(name="demo.welcome_email", queue="emails", timeout=10)
+@app.task(name="demo.welcome_email", public=True, queue="emails", timeout=10)
 async def welcome_email(user_id: int) -> str:
     await asyncio.sleep(0.01)  # an SMTP or provider API call
     return f"sent welcome email to user {user_id}"
 
 
-@app.task(name="demo.charge_card", retries=5, backoff=0.2, backoff_max=2.0, timeout=10)
+@app.task(name="demo.charge_card", public=True, retries=5, backoff=0.2, backoff_max=2.0, timeout=10)
 def charge_card(order_id: int, cents: int) -> dict[str, Any]:
     if random.random() < 0.4:
         raise PaymentGatewayTimeout(f"gateway timed out charging order {order_id}")
@@ -49,13 +49,13 @@ def deliver_to_timeline(follower_id: int, post_id: int) -> None:
     return None
 
 
-@app.task(name="demo.publish_post", timeout=30)
+@app.task(name="demo.publish_post", public=True, timeout=30)
 async def publish_post(post_id: int, followers: int) -> str:
     jobs = await app.send_many_async([deliver_to_timeline.message(f, post_id) for f in range(followers)])
     return f"post {post_id} fanned out to {len(jobs)} timelines"
 
 
-@app.task(name="demo.daily_rollup", executor="process", timeout=20)
+@app.task(name="demo.daily_rollup", public=True, executor="process", timeout=20)
 def daily_rollup(day: str) -> str:
     digest = hashlib.sha256(day.encode())
     for _ in range(200_000):  # stand-in for aggregating a day of events

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -38,6 +39,28 @@ def check_queue_name(name: str) -> str:
     return name
 
 
+MAX_WEBHOOK_URL = 2048
+
+
+def check_webhook_url(url: object) -> str:
+    """A webhook must be an absolute http(s) URL with a host (at most 2048 characters)."""
+    problem = not isinstance(url, str) or len(url) > MAX_WEBHOOK_URL
+    if isinstance(url, str) and not problem:
+        try:
+            parts = urlsplit(url)
+            problem = parts.scheme not in ("http", "https") or not parts.hostname
+            _ = parts.port  # raises ValueError for a port that is not a number in range
+        except ValueError:
+            problem = True
+    if problem:
+        raise ConfigurationError(
+            f"webhook must be an absolute http:// or https:// URL of at most {MAX_WEBHOOK_URL} "
+            f"characters, not {url!r}"
+        )
+    assert isinstance(url, str)
+    return url
+
+
 def _positive(value: object) -> bool:
     """A real number of seconds above zero (not a bool, a string or NaN)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
@@ -62,9 +85,12 @@ class TaskConfig:
     executor: Executor = "thread"
     result_ttl: float = 86_400.0
     public: bool = False  # may be submitted over the HTTP API
+    webhook: str | None = None  # POSTed a signed notification when a job succeeds or dies
 
     def __post_init__(self) -> None:
         check_queue_name(self.queue)
+        if self.webhook is not None:
+            check_webhook_url(self.webhook)
         _check_priority(self.priority)
         if self.timeout is not None and not _positive(self.timeout):
             raise ConfigurationError(f"task {self.name!r}: timeout must be > 0 seconds or None")
@@ -148,8 +174,11 @@ class TaskCall(Generic[P, R]):
         idempotency_key: str | None = None,
         idempotency_window: float | None = None,
         timeout: float | None = None,
+        webhook: str | None = None,
     ) -> TaskCall[P, R]:
+        """Per-send overrides; `webhook` is POSTed a signed notification when the job finishes."""
         o = self._options
+        extra = o.extra if webhook is None else {**o.extra, "webhook": check_webhook_url(webhook)}
         return TaskCall(
             self._task,
             SendOptions(
@@ -162,7 +191,7 @@ class TaskCall(Generic[P, R]):
                     idempotency_window if idempotency_window is not None else o.idempotency_window
                 ),
                 timeout=timeout if timeout is not None else o.timeout,
-                extra=o.extra,
+                extra=extra,
             ),
         )
 

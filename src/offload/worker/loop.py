@@ -25,7 +25,7 @@ import msgspec
 from offload.app import App
 from offload.brokers.base import Broker, Delivery, Settle
 from offload.errors import EncodeError, Retry
-from offload.message import decode
+from offload.message import Message, decode
 from offload.worker.executors import Executors, ProcessTaskError
 from offload.worker.leases import LeaseKeeper
 from offload.worker.settler import Settler
@@ -57,7 +57,8 @@ class Worker:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self.app = app
-        self.queues = list(queues)
+        # Plus the app's system queues (webhook notifications), so no extra worker is needed.
+        self.queues = list(queues) + [q for q in app.system_queues if q not in queues]
         self.concurrency = concurrency
         self.burst = burst
         self.grace = grace
@@ -147,7 +148,13 @@ class Worker:
 
     async def _queues_idle(self, broker: Broker) -> bool:
         await self._settler.drain()
-        stats = await broker.stats(self.queues)
+        try:
+            stats = await broker.stats(self.queues)
+        except Exception:
+            # Like a failed fetch: the broker is away for a moment; a burst worker keeps going.
+            log.exception("reading queue stats failed; retrying in 1s")
+            await asyncio.sleep(1.0)
+            return False
         return all(s.depth == 0 and s.running == 0 for s in stats)
 
     def _start(self, delivery: Delivery) -> None:
@@ -191,15 +198,15 @@ class Worker:
     # -- one job ---------------------------------------------------------------------------
 
     async def _execute(self, delivery: Delivery) -> None:
-        settle = self._settler.add
+        settle = self._settle
         try:
             message = decode(delivery.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            settle(Settle(delivery, "dead", error=f"malformed job envelope: {exc}"))
+            await settle(Settle(delivery, "dead", error=f"malformed job envelope: {exc}"))
             return
         task = self.app.tasks.get(message.task)
         if task is None:
-            settle(
+            await settle(
                 Settle(
                     delivery,
                     "dead",
@@ -207,7 +214,8 @@ class Worker:
                         f"unknown task {message.task!r}: this worker does not register it (deploy the "
                         "code that defines it, then replay the job from the dead-letter queue)"
                     ),
-                )
+                ),
+                message,
             )
             return
         try:
@@ -220,18 +228,40 @@ class Worker:
                 message.created_at,
             )
         except asyncio.CancelledError:
-            settle(Settle(delivery, "release"))
+            self._settler.add(Settle(delivery, "release"))
             raise
         except msgspec.ValidationError as exc:
-            settle(Settle(delivery, "dead", error=f"arguments do not match the task's types: {exc}"))
+            await settle(
+                Settle(delivery, "dead", error=f"arguments do not match the task's types: {exc}"), message
+            )
             return
         except EncodeError as exc:
-            settle(Settle(delivery, "dead", error=f"result could not be stored: {exc}"))
+            await settle(Settle(delivery, "dead", error=f"result could not be stored: {exc}"), message)
             return
         except Exception as exc:  # noqa: BLE001 - task code may raise anything; retry policy decides
-            settle(self._failure(delivery, message.max_deliveries, message.created_at, task, exc))
+            await settle(
+                self._failure(delivery, message.max_deliveries, message.created_at, task, exc), message
+            )
             return
-        settle(Settle(delivery, "ack", result=result))
+        await settle(Settle(delivery, "ack", result=result), message)
+
+    async def _settle(self, outcome: Settle, message: Message | None = None) -> None:
+        """Settle, after the app's completion hooks when the job finished for good (ack / dead).
+
+        The hooks run before the settle, so a crash in between re-runs the job and its hooks, which
+        must therefore be idempotent (the webhook hook enqueues with an idempotency key).
+        """
+        if message is None or outcome.kind not in ("ack", "dead") or not self.app.completion_hooks:
+            self._settler.add(outcome)
+            return
+        try:
+            for hook in self.app.completion_hooks:
+                try:
+                    await hook(message, outcome)
+                except Exception:
+                    log.exception("job %s: completion hook %r failed", message.id, hook)
+        finally:
+            self._settler.add(outcome)  # also when cancelled during a hook: the job did finish
 
     def _failure(
         self, delivery: Delivery, max_deliveries: int, created_at: float, task: Any, exc: Exception
