@@ -524,3 +524,16 @@ def purge(queue: str, yes: bool, app_path: str | None, broker: str | None) -> No
     count = app.run_sync(lambda b: b.purge(queue))
     app.close()
     click.echo(f"purged {count} waiting job(s) from {queue!r}")
+
+
+def _show_environment_variables(group: click.Group) -> None:
+    """Every option can be set by an OFFLOAD_* variable (auto_envvar_prefix): say which in --help."""
+    for command in group.commands.values():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                param.show_envvar = True
+        if isinstance(command, click.Group):
+            _show_environment_variables(command)
+
+
+_show_environment_variables(main)
