@@ -15,7 +15,7 @@ import pytest
 from offload import App
 from offload.brokers import Broker, broker_from_url
 
-from . import postgres_store, redis_store
+from . import nats_store, postgres_store, redis_store
 
 
 def _memory(tmp_path: Path) -> str:
@@ -31,12 +31,14 @@ BROKERS: dict[str, Callable[[Path], str]] = {
     "sqlite": _sqlite,
     "redis": redis_store.redis_url,
     "postgres": postgres_store.postgres_url,
+    "nats": nats_store.nats_url,
 }
 
 # Optional teardown per broker, given the URL its factory made (e.g. delete the test's keys).
 CLEANUPS: dict[str, Callable[[str], None]] = {
     "redis": redis_store.cleanup,
     "postgres": postgres_store.cleanup,
+    "nats": nats_store.cleanup,
 }
 
 

@@ -1,0 +1,154 @@
+"""Key layout, URL parsing and the job record of the NATS JetStream broker (see nats.py).
+
+Everything lives in one JetStream Key-Value bucket (history 1), whose keys are NATS subjects, so a
+key family can be scanned with a subject filter:
+
+    j.<id>                                   the job record (`Record`, JSON), CAS'd by revision
+    w.<queue>.<prio>.<seq>.<run_at_ms>.<id>  waiting (ready or delayed) index, sorts by priority, age
+    r.<queue>.<id>                           running index; value = lease expiry (epoch seconds)
+    d.<queue>.<id>                           dead-letter index; value = time of death
+    x.<id>                                   finished-record expiry; value = end of its result TTL
+    i.<sha256 of key>                        idempotency claim; value = {"job": id, "exp": t}
+    q.<queue>                                known queue; value = max_depth ("" for unbounded)
+
+A second bucket, `<bucket>_drain` with a 60 s TTL, holds one key per finished job,
+`<queue>.<finished_ms>.<nonce>`: counting them gives the drain rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+
+from offload.errors import ConfigurationError
+
+_PLAIN = re.compile(r"[-_a-zA-Z0-9]+")
+_BUCKET = re.compile(r"[-_a-zA-Z0-9]+")
+PRIO_BASE = 1_000_000  # prio token = PRIO_BASE - priority, zero padded: higher priority sorts first
+
+
+class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A job's record: its envelope, state, counters, current lease and outcome."""
+
+    queue: str
+    task: str
+    state: str
+    prio: int = 0
+    created: float = 0.0
+    run_at: float = 0.0
+    lease: float = 30.0  # lease length, fixed at enqueue from the task's timeout
+    maxd: int = 5
+    ttl: float = 86_400.0
+    deliv: int = 0
+    att: int = 0
+    token: int = 0
+    lease_exp: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    ikey: str | None = None
+    index: str = ""  # the index key (w./r./d./x.) that currently points at this record
+    body: bytes = b""
+    result: bytes | None = None
+    error: str | None = None
+
+
+class Claim(msgspec.Struct):
+    job: str
+    exp: float
+
+
+_rec_encoder = msgspec.json.Encoder()
+_rec_decoder = msgspec.json.Decoder(Record)
+_claim_decoder = msgspec.json.Decoder(Claim)
+
+
+def dump(value: Record | Claim) -> bytes:
+    return _rec_encoder.encode(value)
+
+
+def load(data: bytes | None) -> Record:
+    return _rec_decoder.decode(data or b"")
+
+
+def load_claim(data: bytes | None) -> Claim:
+    return _claim_decoder.decode(data or b"")
+
+
+def qkey(queue: str) -> str:
+    """A queue name as one key token: as is when it is plain, else '=' + hex."""
+    if _PLAIN.fullmatch(queue):
+        return queue
+    return "=" + queue.encode().hex()
+
+
+def qname(token: str) -> str:
+    return bytes.fromhex(token[1:]).decode() if token.startswith("=") else token
+
+
+def job(job_id: str) -> str:
+    return f"j.{job_id}"
+
+
+def waiting(queue: str, priority: int, seq: str, run_at: float, job_id: str) -> str:
+    return f"w.{qkey(queue)}.{PRIO_BASE - priority:07d}.{seq}.{int(run_at * 1000):013d}.{job_id}"
+
+
+def parse_waiting(key: str) -> tuple[tuple[str, str], float, str]:
+    """(sort key, run_at, job id) of a w. key."""
+    _, _, prio, seq, run_ms, job_id = key.split(".", 5)
+    return (prio, seq), int(run_ms) / 1000, job_id
+
+
+def running(queue: str, job_id: str) -> str:
+    return f"r.{qkey(queue)}.{job_id}"
+
+
+def dead(queue: str, job_id: str) -> str:
+    return f"d.{qkey(queue)}.{job_id}"
+
+
+def expiring(job_id: str) -> str:
+    return f"x.{job_id}"
+
+
+def idem(key: str) -> str:
+    return "i." + hashlib.sha256(key.encode()).hexdigest()
+
+
+def queue_meta(queue: str) -> str:
+    return f"q.{qkey(queue)}"
+
+
+def last_token(key: str) -> str:
+    return key.rsplit(".", 1)[1]
+
+
+def parse_nats_url(url: str) -> tuple[list[str], str, int]:
+    """nats://[user:pass@]host:4222[,host2:4222]?bucket=offload&replicas=1 -> (servers, bucket, R)."""
+    parts = urlsplit(url)
+    if parts.scheme != "nats":
+        raise ConfigurationError(f"not a NATS URL: {url!r}")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(query) - {"bucket", "replicas"}
+    if unknown:
+        raise ConfigurationError(
+            f"unknown option(s) {sorted(unknown)} in NATS broker URL; known: bucket, replicas"
+        )
+    bucket = query.get("bucket", "offload")
+    if not _BUCKET.fullmatch(bucket):
+        raise ConfigurationError(f"bucket={bucket!r}: use letters, digits, '-' and '_' only")
+    try:
+        replicas = int(query.get("replicas", "1"))
+    except ValueError:
+        raise ConfigurationError("replicas= must be an integer (1, 3 or 5)") from None
+    netloc = parts.netloc
+    auth = ""
+    if "@" in netloc:
+        auth, netloc = netloc.rsplit("@", 1)
+        auth += "@"
+    hosts = [h for h in netloc.split(",") if h] or ["127.0.0.1:4222"]
+    servers = [f"{parts.scheme}://{auth}{h}" for h in hosts]
+    return servers, bucket, replicas
