@@ -15,10 +15,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from offload.job import JobInfo
-from offload.message import Message
+from offload.job import JobInfo, JobState
+from offload.message import Message, decode, decode_value
 
 # A job's lease is its timeout plus a margin (up to this much), so that a worker enforcing the
 # timeout still has time to settle before anyone else may take the job.
@@ -162,3 +162,29 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def prune(self) -> int:
         """Delete finished jobs past their result TTL and expired idempotency keys."""
+
+
+# The columns an SQL broker selects to build a JobInfo with `job_info_from_row`, in this order.
+JOB_ROW_COLUMNS = (
+    "id", "queue", "task", "state", "priority", "run_at", "created_at", "deliveries", "attempts",
+    "max_deliveries", "started_at", "finished_at", "worker", "idempotency_key", "body", "result",
+    "error",
+)  # fmt: skip
+
+
+def job_info_from_row(row: Sequence[Any]) -> JobInfo:
+    """A JobInfo from a row of JOB_ROW_COLUMNS (times as epoch seconds, body and result as JSON)."""
+    (job_id, queue, task, state, priority, run_at, created_at, deliveries, attempts,
+     max_deliveries, started_at, finished_at, worker, key, body, result, error) = row  # fmt: skip
+    try:
+        message = decode(body)
+        args, kwargs = message.args, message.kwargs
+    except Exception:  # noqa: BLE001 - a malformed body still has a record worth showing
+        args, kwargs = (), {}
+    return JobInfo(
+        id=job_id, task=task, queue=queue, state=JobState(state), priority=priority,
+        args=args, kwargs=kwargs, deliveries=deliveries, attempts=attempts,
+        max_deliveries=max_deliveries, created_at=created_at, run_at=run_at,
+        started_at=started_at, finished_at=finished_at, result=decode_value(result),
+        error=error, worker=worker, idempotency_key=key,
+    )  # fmt: skip

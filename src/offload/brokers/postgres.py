@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 
-from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle
+from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, job_info_from_row
 from offload.brokers.postgres_schema import channel, ensure_schema, render
 from offload.brokers.postgres_tx import (
     ENQUEUE_SQL,
@@ -40,8 +40,8 @@ from offload.brokers.postgres_tx import (
 )
 from offload.brokers.postgres_url import PostgresOptions, explain, is_transient, parse_postgres_url
 from offload.errors import BrokerError
-from offload.job import JobInfo, JobState
-from offload.message import Message, decode, decode_value
+from offload.job import JobInfo
+from offload.message import Message
 
 __all__ = ["PostgresBroker", "enqueue_in_transaction", "enqueue_in_transaction_sync", "parse_postgres_url"]
 
@@ -330,7 +330,7 @@ class PostgresBroker(Broker):
     async def get_job(self, job_id: str) -> JobInfo | None:
         sql = self._q(f"SELECT {_JOB_COLUMNS} FROM {{s}}.jobs WHERE id = $1")
         row = await self._call(lambda conn: conn.fetchrow(sql, job_id))
-        return None if row is None else _job_info(row)
+        return None if row is None else job_info_from_row(row)
 
     async def wait_job(self, job_id: str, timeout: float) -> JobInfo | None:
         loop = asyncio.get_running_loop()
@@ -376,7 +376,7 @@ class PostgresBroker(Broker):
             f"SELECT {_JOB_COLUMNS} FROM {{s}}.jobs WHERE {_DEAD} ORDER BY finished_at DESC LIMIT $3"
         )
         rows = await self._call(lambda conn: conn.fetch(sql, None, queue, limit))
-        return [_job_info(row) for row in rows]
+        return [job_info_from_row(row) for row in rows]
 
     # -- operator verbs ----------------------------------------------------------------------------
 
@@ -432,50 +432,3 @@ def _deliveries(rows: Sequence[Any]) -> tuple[list[Delivery], float | None]:
 
 def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
-
-
-def _job_info(row: Any) -> JobInfo:
-    (
-        job_id,
-        queue,
-        task,
-        state,
-        priority,
-        run_at,
-        created_at,
-        deliveries,
-        attempts,
-        max_deliveries,
-        started_at,
-        finished_at,
-        worker,
-        key,
-        body,
-        result,
-        error,
-    ) = row
-    try:
-        message = decode(body)
-        args, kwargs = message.args, message.kwargs
-    except Exception:  # noqa: BLE001 - a malformed body still has a record worth showing
-        args, kwargs = (), {}
-    return JobInfo(
-        id=job_id,
-        task=task,
-        queue=queue,
-        state=JobState(state),
-        priority=priority,
-        args=args,
-        kwargs=kwargs,
-        deliveries=deliveries,
-        attempts=attempts,
-        max_deliveries=max_deliveries,
-        created_at=created_at,
-        run_at=run_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        result=decode_value(result),
-        error=error,
-        worker=worker,
-        idempotency_key=key,
-    )

@@ -22,13 +22,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, lease_seconds
+from offload.brokers.base import (
+    JOB_ROW_COLUMNS,
+    Broker,
+    Delivery,
+    Enqueued,
+    QueueStats,
+    Settle,
+    job_info_from_row,
+    lease_seconds,
+)
 from offload.brokers.sqlite_schema import connect
 from offload.brokers.sqlite_writer import GroupCommitWriter
 from offload.brokers.wakeup import WakeListener, WakeSender
 from offload.errors import ConfigurationError, QueueFull
-from offload.job import JobInfo, JobState
-from offload.message import Message, decode, decode_value
+from offload.job import JobInfo
+from offload.message import Message
 
 T = TypeVar("T")
 
@@ -37,10 +46,7 @@ DRAIN_WINDOW = 60
 # whose socket listing was stale); normal wake-ups arrive at once.
 SAFETY_POLL = 0.5
 
-_JOB_COLUMNS = (
-    "id, queue, task, state, priority, run_at, created_at, deliveries, attempts, max_deliveries, "
-    "started_at, finished_at, worker, idempotency_key, body, result, error"
-)
+_JOB_COLUMNS = ", ".join(JOB_ROW_COLUMNS)
 
 DURABILITY = {"strict": "FULL", "fast": "NORMAL"}
 
@@ -395,7 +401,7 @@ class SqliteBroker(Broker):
     async def get_job(self, job_id: str) -> JobInfo | None:
         def op(conn: sqlite3.Connection) -> JobInfo | None:
             row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM offload_jobs WHERE id = ?", (job_id,)).fetchone()
-            return None if row is None else _job_info(row)
+            return None if row is None else job_info_from_row(row)
 
         return await self._read(op)
 
@@ -452,7 +458,7 @@ class SqliteBroker(Broker):
                 f"SELECT {_JOB_COLUMNS} FROM offload_jobs WHERE {where} ORDER BY finished_at DESC LIMIT ?",
                 (*params, limit),
             ).fetchall()
-            return [_job_info(row) for row in rows]
+            return [job_info_from_row(row) for row in rows]
 
         return await self._read(op)
 
@@ -608,50 +614,3 @@ def _dead_filter(job_ids: Sequence[str] | None, queue: str | None) -> tuple[str,
         clauses.append("queue = ?")
         params.append(queue)
     return " AND ".join(clauses), tuple(params)
-
-
-def _job_info(row: sqlite3.Row | tuple[Any, ...]) -> JobInfo:
-    (
-        job_id,
-        queue,
-        task,
-        state,
-        priority,
-        run_at,
-        created_at,
-        deliveries,
-        attempts,
-        max_deliveries,
-        started_at,
-        finished_at,
-        worker,
-        key,
-        body,
-        result,
-        error,
-    ) = row
-    try:
-        message = decode(body)
-        args, kwargs = message.args, message.kwargs
-    except Exception:  # noqa: BLE001 - a malformed body still has a record worth showing
-        args, kwargs = (), {}
-    return JobInfo(
-        id=job_id,
-        task=task,
-        queue=queue,
-        state=JobState(state),
-        priority=priority,
-        args=args,
-        kwargs=kwargs,
-        deliveries=deliveries,
-        attempts=attempts,
-        max_deliveries=max_deliveries,
-        created_at=created_at,
-        run_at=run_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        result=decode_value(result),
-        error=error,
-        worker=worker,
-        idempotency_key=key,
-    )
