@@ -143,7 +143,12 @@ class PostgresBroker(Broker):
 
         async def on_pooled() -> T:
             async with self._pool.acquire() as conn:
-                return await op(conn)
+                try:
+                    return await op(conn)
+                except Exception as exc:
+                    if is_transient(exc) and not isinstance(exc, asyncpg.PostgresError):
+                        conn.terminate()  # a broken connection must not go back to the pool
+                    raise
 
         return await self._retry(on_pooled)
 

@@ -123,7 +123,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError):  # "connection is closed", "connection was lost"
         text = str(exc).lower()
         return "closed" in text or "lost" in text
-    return False
+    # A connection the server terminated while it sat in the pool can fail its next query with
+    # "cannot switch to state ...; another operation is in progress": the connection is broken,
+    # not the request, so a fresh connection will do.
+    return isinstance(exc, asyncpg.InternalClientError)
 
 
 def explain(exc: BaseException, options: PostgresOptions) -> str:
