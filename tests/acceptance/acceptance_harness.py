@@ -198,3 +198,56 @@ class Result:
     code: int
     out: str
     err: str
+
+
+def sigkill_a_worker_mid_run(harness: Harness, n: int, broker: str) -> None:
+    """The shared SIGKILL scenario: `n` quick jobs, 2 supervised workers, one child SIGKILLed.
+
+    Then: nothing lost, every job cut off by the kill ran again, and every duplicate is a job the
+    killed worker had taken (also one that ended there but whose ack had not reached the store).
+    """
+    import acceptance_app  # the apps folder is on sys.path (above)
+
+    ids = harness.send(acceptance_app.quick, range(n))
+    supervisor = harness.spawn("worker", APP, "--processes", "2", "--concurrency", "16", "--burst")
+
+    wait_until(lambda: harness.count("end", "quick") >= 300, 120, "300 jobs to complete")
+    children = wait_until(
+        lambda: [c.pid for c in psutil.Process(supervisor.pid).children() if c.is_running()],
+        30,
+        "the supervisor's worker processes",
+    )
+    running = {r.pid for r in harness.records(strict=False)}
+    victim = next((pid for pid in children if pid in running), children[0])
+    os.kill(victim, signal.SIGKILL)
+    completed_at_kill = harness.count("end", "quick")
+    assert completed_at_kill < n, "every job finished before the kill: the test proved nothing"
+
+    assert harness.wait_exit(supervisor, 150) == 0
+    log = harness.stderr_of(supervisor)
+    assert f"(pid {victim}) died (signal SIGKILL); restarting" in log, log
+
+    starts = harness.tally("start", "quick")
+    ends = harness.tally("end", "quick")
+    victim_starts = harness.tally("start", "quick", pid=victim)
+    victim_ends = harness.tally("end", "quick", pid=victim)
+    cut_off = set(victim_starts) - set(victim_ends)  # running in the victim when it was killed
+    lost = [k for k in range(n) if ends[k] == 0]
+    duplicated = {k for k, c in starts.items() if c > 1}
+    print(
+        f"\nSIGKILL of pid {victim} after {completed_at_kill} of {n} jobs ({broker}): lost={len(lost)} "
+        f"duplicated={len(duplicated)} (cut off mid-run={len(cut_off)}, ended but not yet "
+        f"acknowledged={len(duplicated - cut_off)})"
+    )
+    assert lost == []
+    assert set(starts) == set(range(n))
+    assert cut_off <= duplicated, "a job cut off by the kill was not run again"
+    assert duplicated <= set(victim_starts), "a job ran twice that the killed worker never had"
+    assert max(starts.values()) <= 2
+    assert all(victim_starts[k] == 1 for k in duplicated)
+    stats = harness.stats()
+    assert (stats["ready"], stats["delayed"], stats["running"], stats["dead"]) == (0, 0, 0, 0), stats
+    infos = harness.jobs(ids)
+    assert [i.state.value for i in infos] == ["succeeded"] * n
+    for key, info in enumerate(infos):
+        assert starts[key] <= info.deliveries, f"job {key} ran more often than it was delivered"

@@ -29,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import acceptance_app
-import psutil
 import pytest
-from acceptance_harness import APP, Harness, wait_until
+from acceptance_harness import APP, Harness, sigkill_a_worker_mid_run, wait_until
 
 from offload import App, BrokerError
 
@@ -246,52 +245,6 @@ def shared_url() -> Iterator[str]:
 def test_sigkill_of_a_worker_mid_run_loses_no_job(tmp_path: Path, shared_url: str) -> None:
     harness = Harness(tmp_path, shared_url)
     try:
-        _sigkill_mid_run(harness)
+        sigkill_a_worker_mid_run(harness, 3000, "PostgreSQL")
     finally:
         harness.close()
-
-
-def _sigkill_mid_run(harness: Harness) -> None:
-    n = 3000
-    ids = harness.send(acceptance_app.quick, range(n))
-    supervisor = harness.spawn("worker", APP, "--processes", "2", "--concurrency", "16", "--burst")
-
-    wait_until(lambda: harness.count("end", "quick") >= 300, 120, "300 jobs to complete")
-    children = wait_until(
-        lambda: [c.pid for c in psutil.Process(supervisor.pid).children() if c.is_running()],
-        30,
-        "the supervisor's worker processes",
-    )
-    running = {r.pid for r in harness.records(strict=False)}
-    victim = next((pid for pid in children if pid in running), children[0])
-    os.kill(victim, signal.SIGKILL)
-    completed_at_kill = harness.count("end", "quick")
-    assert completed_at_kill < n, "every job finished before the kill: the test proved nothing"
-
-    assert harness.wait_exit(supervisor, 150) == 0
-    log = harness.stderr_of(supervisor)
-    assert f"(pid {victim}) died (signal SIGKILL); restarting" in log, log
-
-    starts = harness.tally("start", "quick")
-    ends = harness.tally("end", "quick")
-    victim_starts = harness.tally("start", "quick", pid=victim)
-    victim_ends = harness.tally("end", "quick", pid=victim)
-    cut_off = set(victim_starts) - set(victim_ends)
-    lost = [k for k in range(n) if ends[k] == 0]
-    duplicated = {k for k, c in starts.items() if c > 1}
-    print(
-        f"\nSIGKILL of pid {victim} after {completed_at_kill} of {n} jobs (PostgreSQL): lost={len(lost)} "
-        f"duplicated={len(duplicated)} (cut off mid-run={len(cut_off)}, ended but not yet "
-        f"acknowledged={len(duplicated - cut_off)})"
-    )
-    assert lost == []
-    assert set(starts) == set(range(n))
-    assert cut_off <= duplicated, "a job cut off by the kill was not run again"
-    assert duplicated <= set(victim_starts), "a job ran twice that the killed worker never had"
-    assert max(starts.values()) <= 2
-    stats = harness.stats()
-    assert (stats["ready"], stats["delayed"], stats["running"], stats["dead"]) == (0, 0, 0, 0), stats
-    infos = harness.jobs(ids)
-    assert [i.state.value for i in infos] == ["succeeded"] * n
-    for key, info in enumerate(infos):
-        assert starts[key] <= info.deliveries, f"job {key} ran more often than it was delivered"
