@@ -13,6 +13,7 @@ times is dead-lettered instead.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -135,9 +136,22 @@ class Broker(abc.ABC):
     async def get_job(self, job_id: str) -> JobInfo | None:
         """The job's record, or None if unknown or pruned."""
 
-    @abc.abstractmethod
     async def wait_job(self, job_id: str, timeout: float) -> JobInfo | None:
-        """Wait until the job has finished or `timeout` passed; return its record then."""
+        """Wait until the job has finished or `timeout` passed; return its record then.
+
+        This default re-reads the record with a backoff from 1 ms to 50 ms; a broker that can be
+        told of changes (NATS watches the job's key) overrides it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.001
+        while True:
+            info = await self.get_job(job_id)
+            remaining = deadline - loop.time()
+            if info is None or info.state.finished or remaining <= 0:
+                return info
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.05)
 
     @abc.abstractmethod
     async def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:

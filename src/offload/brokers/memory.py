@@ -386,16 +386,6 @@ class MemoryBroker(Broker):
             job = self._s.jobs.get(job_id)
             return None if job is None else self._info(job)
 
-    async def wait_job(self, job_id: str, timeout: float) -> JobInfo | None:
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
-            info = await self.get_job(job_id)
-            if info is None or info.state.finished or time.monotonic() >= deadline:
-                return info
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.05)
-
     async def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         now = time.time()
         with self._s.lock:

@@ -337,18 +337,6 @@ class PostgresBroker(Broker):
         row = await self._call(lambda conn: conn.fetchrow(sql, job_id))
         return None if row is None else job_info_from_row(row)
 
-    async def wait_job(self, job_id: str, timeout: float) -> JobInfo | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        pause = 0.002
-        while True:
-            info = await self.get_job(job_id)
-            remaining = deadline - loop.time()
-            if info is None or info.state.finished or remaining <= 0:
-                return info
-            await asyncio.sleep(min(pause, remaining))
-            pause = min(pause * 2, 0.05)
-
     async def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         names = "unnest($1::text[]) WITH ORDINALITY AS n(name, i)" if queues is not None else None
         source = names or "(SELECT name, row_number() OVER (ORDER BY name) AS i FROM {s}.queues) AS n"

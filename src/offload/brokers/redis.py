@@ -357,18 +357,6 @@ class RedisBroker(Broker):
         infos = [_job_info(job_id, values) for job_id, values in zip(job_ids, rows, strict=True)]
         return [info for info in infos if info is not None]
 
-    async def wait_job(self, job_id: str, timeout: float) -> JobInfo | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        pause = 0.001
-        while True:
-            info = await self.get_job(job_id)
-            remaining = deadline - loop.time()
-            if info is None or info.state.finished or remaining <= 0:
-                return info
-            await asyncio.sleep(min(pause, remaining))
-            pause = min(pause * 2, 0.05)
-
     async def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         names = list(queues) if queues is not None else []
         reply = await self._run("STATS", [len(names), *names])

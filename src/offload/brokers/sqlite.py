@@ -405,18 +405,6 @@ class SqliteBroker(Broker):
 
         return await self._read(op)
 
-    async def wait_job(self, job_id: str, timeout: float) -> JobInfo | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        pause = 0.001
-        while True:
-            info = await self.get_job(job_id)
-            remaining = deadline - loop.time()
-            if info is None or info.state.finished or remaining <= 0:
-                return info
-            await asyncio.sleep(min(pause, remaining))
-            pause = min(pause * 2, 0.05)
-
     async def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         def op(conn: sqlite3.Connection) -> list[QueueStats]:
             now = time.time()
