@@ -23,7 +23,7 @@ from .support import client_for, make_app, poll, running_worker
 MAX_DEPTH = 20
 JOB_SECONDS = 0.02
 CONCURRENCY = 2  # the worker drains at most ~100 jobs/s
-ROUNDS, PER_ROUND, CLIENTS = 5, 1000, 32
+ROUNDS, PER_ROUND, CLIENTS = 6, 1000, 32
 MIB = 1024 * 1024
 
 
@@ -91,9 +91,10 @@ async def test_overload_is_refused_cleanly_and_memory_stays_flat(tmp_path: Path)
     assert len(tally.accepted) + tally.refused == ROUNDS * PER_ROUND
     assert tally.refused > 5 * len(tally.accepted), (len(tally.accepted), tally.refused)  # really overloaded
     assert not tally.problems, tally.problems  # every refusal: 503 + integer Retry-After >= 1
-    # Round 1 warms caches and allocator arenas; after it, serving more must not cost more memory.
-    growth = rss[-1] - rss[1]
-    assert growth < 5 * MIB, f"RSS grew {growth / MIB:.1f} MiB over {(ROUNDS - 2) * PER_ROUND} requests"
+    # Rounds 1 and 2 warm caches and allocator arenas (inside the full suite the process also
+    # carries other tests' leftovers); after them, serving more must not cost more memory.
+    growth = rss[-1] - rss[2]
+    assert growth < 5 * MIB, f"RSS grew {growth / MIB:.1f} MiB over {(ROUNDS - 3) * PER_ROUND} requests"
     print(
         f"accepted {len(tally.accepted)} ({len(tally.accepted) / elapsed:.0f}/s), refused {tally.refused}, "
         f"RSS by round (MiB): {[round(r / MIB, 1) for r in rss]}"
