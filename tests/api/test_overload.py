@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from offload import App
 from offload.api.app import create_api
@@ -23,7 +25,7 @@ from .support import client_for, make_app, poll, running_worker
 MAX_DEPTH = 20
 JOB_SECONDS = 0.02
 CONCURRENCY = 2  # the worker drains at most ~100 jobs/s
-ROUNDS, PER_ROUND, CLIENTS = 6, 1000, 32
+ROUNDS, PER_ROUND, CLIENTS = 5, 1000, 32
 MIB = 1024 * 1024
 
 
@@ -67,7 +69,12 @@ def add_sleep_task(app: App) -> None:
         return seconds
 
 
-async def test_overload_is_refused_cleanly_and_memory_stays_flat(tmp_path: Path) -> None:
+async def test_overload_is_refused_cleanly_and_memory_stays_flat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The test's own HTTP client logs every request at INFO; captured, those records would be
+    # the memory growth measured here, not the API's.
+    caplog.set_level(logging.WARNING, logger="httpx")
     app = make_app(f"sqlite:///{tmp_path / 'overload.db'}")
     add_sleep_task(app)
     app.queue("bounded", max_depth=MAX_DEPTH)
@@ -91,10 +98,9 @@ async def test_overload_is_refused_cleanly_and_memory_stays_flat(tmp_path: Path)
     assert len(tally.accepted) + tally.refused == ROUNDS * PER_ROUND
     assert tally.refused > 5 * len(tally.accepted), (len(tally.accepted), tally.refused)  # really overloaded
     assert not tally.problems, tally.problems  # every refusal: 503 + integer Retry-After >= 1
-    # Rounds 1 and 2 warm caches and allocator arenas (inside the full suite the process also
-    # carries other tests' leftovers); after them, serving more must not cost more memory.
-    growth = rss[-1] - rss[2]
-    assert growth < 5 * MIB, f"RSS grew {growth / MIB:.1f} MiB over {(ROUNDS - 3) * PER_ROUND} requests"
+    # Round 1 warms caches and allocator arenas; after it, serving more must not cost more memory.
+    growth = rss[-1] - rss[1]
+    assert growth < 5 * MIB, f"RSS grew {growth / MIB:.1f} MiB over {(ROUNDS - 2) * PER_ROUND} requests"
     print(
         f"accepted {len(tally.accepted)} ({len(tally.accepted) / elapsed:.0f}/s), refused {tally.refused}, "
         f"RSS by round (MiB): {[round(r / MIB, 1) for r in rss]}"
