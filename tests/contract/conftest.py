@@ -15,7 +15,7 @@ import pytest
 from offload import App
 from offload.brokers import Broker, broker_from_url
 
-from . import nats_store, postgres_store, redis_store
+from . import nats_store, postgres_store, rabbitmq_store, redis_store
 
 
 def _memory(tmp_path: Path) -> str:
@@ -32,6 +32,7 @@ BROKERS: dict[str, Callable[[Path], str]] = {
     "redis": redis_store.redis_url,
     "postgres": postgres_store.postgres_url,
     "nats": nats_store.nats_url,
+    "rabbitmq": rabbitmq_store.rabbitmq_url,
 }
 
 # Optional teardown per broker, given the URL its factory made (e.g. delete the test's keys).
@@ -39,6 +40,7 @@ CLEANUPS: dict[str, Callable[[str], None]] = {
     "redis": redis_store.cleanup,
     "postgres": postgres_store.cleanup,
     "nats": nats_store.cleanup,
+    "rabbitmq": rabbitmq_store.cleanup,
 }
 
 

@@ -19,8 +19,8 @@ class _Kind(NamedTuple):
     extra: str | None
 
 
-# offload/brokers/rabbitmq.py is not listed yet: it fails one contract test and can strand a job
-# if a producer dies between its two writes (see docs/brokers/rabbitmq.md).
+# amqp:// is RabbitMQ carrying the jobs with a Redis state store keeping their records
+# (docs/brokers/rabbitmq.md); it needs both the rabbitmq extra (aio-pika) and Redis.
 SCHEMES: dict[str, _Kind] = {
     "memory": _Kind("offload.brokers.memory", "MemoryBroker", None, None),
     "sqlite": _Kind("offload.brokers.sqlite", "SqliteBroker", None, None),
@@ -29,6 +29,8 @@ SCHEMES: dict[str, _Kind] = {
     "postgresql": _Kind("offload.brokers.postgres", "PostgresBroker", "asyncpg", "postgres"),
     "postgres": _Kind("offload.brokers.postgres", "PostgresBroker", "asyncpg", "postgres"),
     "nats": _Kind("offload.brokers.nats", "NatsBroker", "nats", "nats"),
+    "amqp": _Kind("offload.brokers.rabbitmq", "RabbitMQBroker", "aio_pika", "rabbitmq"),
+    "amqps": _Kind("offload.brokers.rabbitmq", "RabbitMQBroker", "aio_pika", "rabbitmq"),
 }
 
 

@@ -2,29 +2,36 @@
 
     amqp://guest:guest@127.0.0.1:5672/?state=redis://127.0.0.1:6379/0&prefix=offload
 
-RabbitMQ is the transport: every job is a persistent message in a quorum queue, published with
-publisher confirms (enqueue returns only once RabbitMQ confirmed it), taken with `basic.get` and
-acked by hand once its outcome is recorded. RabbitMQ cannot answer the rest of the port (job
-records, results, fencing tokens, idempotency keys, the DLQ, drain rate), so the job records live
-in the Redis broker's format under the `state` URL and the Redis broker's scripts answer those
-methods; this class inherits them and replaces the parts that move jobs.
+RabbitMQ is the transport: every job is a persistent message in a quorum queue (one per priority
+class, see rabbitmq_link), published with publisher confirms, taken with `basic.get` and acked
+by hand once its outcome is recorded. RabbitMQ cannot answer the rest of the port (job records,
+results, fencing tokens, idempotency keys, the DLQ, drain rate), so the records live in the Redis
+broker's format under the `state` URL and the Redis broker's scripts answer those methods; this
+class inherits them and replaces the parts that move jobs.
 
-Queues, per offload queue `q` (names start with `prefix`):
+Enqueue order (the crash window between the two stores): the record is written first, in the
+same MULTI/EXEC as a mark "publish not confirmed" (UNPUBLISHED); then the message is published
+and confirmed; then the mark is removed. A producer that dies in between leaves a marked record,
+and a sweeper (run by every fetching process, every SWEEP_EVERY seconds) re-publishes records
+marked longer than `republish_after` seconds. Publishing first instead would leave a message
+whose record may never come (a refused idempotency key, a full queue, the producer dying), and
+a fetch could not tell "not written yet" from "never will be" (nor from purged or cancelled)
+without a clock-based guess; a record-first sweep only ever adds a duplicate message, which the
+claim below already tolerates.
 
-    <prefix>.<q>.p<0..9>  quorum queue per priority class: x-max-length + reject-publish,
-                          x-delivery-limit, dead-letter (at-least-once) to <prefix>.poison
-    <prefix>.delay.<ms>   quorum delay bucket: x-message-ttl=<ms>, dead-letters (at-least-once)
-                          through the topic exchange <prefix>.work back to the job's queue
-    <prefix>.poison       messages RabbitMQ itself gave up on (x-delivery-limit)
+A fetch asks the state store which priority classes hold ready jobs (HINT), takes messages from
+those with `basic.get` (highest class first; queues of one class in turn), then claims them in
+one script (CLAIM): it checks the record, counts the delivery, issues the fencing token. A
+message whose job is finished, cancelled, purged or unknown is acked and dropped; one that
+arrives early (a delay bucket is coarser than the eta, or RabbitMQ redelivered a job whose lease
+is still live) goes back to a delay bucket. Leases are enforced by the fetching process: when one
+runs out, the message is re-published and then acked, so it is deliverable again; if the process
+dies, RabbitMQ redelivers at once and the claim waits out the lease. Settles are checked against
+the token in the state store before the AMQP message is touched: a stale ack changes nothing.
+Every re-publish comes before the ack of the message it replaces, so a crash between the two
+leaves a duplicate, never nothing.
 
-A fetch takes messages (highest priority class first), then claims them in the state store in
-one script: the script checks the record, counts the delivery, and issues the fencing token. A
-message whose job is finished, cancelled or purged is acked and dropped; one that arrives early
-(a delay bucket is coarser than the eta, or RabbitMQ redelivered a job whose lease is still live)
-goes back to a delay bucket. Leases are enforced by the fetching process: when one runs out, the
-message is re-published and acked, so it is deliverable again; if the process dies, RabbitMQ
-redelivers at once and the claim waits out the lease. Settles are checked against the token
-before the AMQP message is touched: a stale ack changes nothing, in Redis or in RabbitMQ.
+Why `basic.get` and not a consumer with prefetch = free slots: see docs/brokers/rabbitmq.md.
 """
 
 from __future__ import annotations
@@ -36,75 +43,30 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import msgspec
 
 from offload.brokers import rabbitmq_scripts as rlua
 from offload.brokers import redis_keys as keys
 from offload.brokers.base import Delivery, Enqueued, Settle
+from offload.brokers.rabbitmq_link import AMQP_ERRORS, AmqpLink
+from offload.brokers.rabbitmq_url import AMQP_NAMES, CLASSES, UNPUBLISHED, parse_rabbitmq_url
 from offload.brokers.redis import RedisBroker
-from offload.errors import BrokerError, ConfigurationError, QueueFull
+from offload.errors import BrokerError, QueueFull
 from offload.message import Message
+
+__all__ = ["AMQP_NAMES", "RabbitMQBroker"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE = "redis://127.0.0.1:6379/0"
-DEFAULT_PREFIX = "offload"
-PRIORITIES = range(9, -1, -1)  # priority classes, highest first (priorities are clamped to 0..9)
 MAX_BLOCK = 1.0  # a waiting fetch re-checks this often (delay buckets arrive without a signal)
 MIN_BLOCK = 0.02
-MIN_BUCKET_MS = 10
-MAX_BUCKET_MS = 99 * 10**8  # ~115 days; longer delays hop through several buckets
-_OPTIONS = {"state", "prefix", "max_length", "delivery_limit"}
-AMQP_NAMES = "amqp"  # Redis SET (in the namespace) of every AMQP queue made, for cleanup tools
-
-
-def parse_rabbitmq_url(url: str) -> tuple[str, str, str, int, int]:
-    """Split our options off: (AMQP URL, state URL, prefix, max_length, delivery_limit)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps"):
-        raise ConfigurationError(f"not an AMQP URL: {parts.scheme}://...")
-    state, prefix, max_length, delivery_limit = DEFAULT_STATE, DEFAULT_PREFIX, 1_000_000, 20
-    rest: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "state":
-            state = value
-        elif name == "prefix":
-            prefix = value
-        elif name in ("max_length", "delivery_limit"):
-            try:
-                number = int(value)
-            except ValueError:
-                raise ConfigurationError(
-                    f"{name}={value!r} in the RabbitMQ URL: use a whole number"
-                ) from None
-            if name == "max_length":
-                max_length = number
-            else:
-                delivery_limit = number
-        else:
-            rest.append((name, value))  # aio-pika's own options (heartbeat, ...)
-    if not prefix:
-        raise ConfigurationError("empty prefix in the RabbitMQ URL")
-    state_parts = urlsplit(state)
-    if state_parts.scheme not in ("redis", "rediss"):
-        raise ConfigurationError(f"state={state!r}: the RabbitMQ broker's state store must be a Redis URL")
-    if "prefix" not in dict(parse_qsl(state_parts.query)):
-        query = "&".join(q for q in (state_parts.query, urlencode({"prefix": f"{prefix}:"})) if q)
-        state = urlunsplit(state_parts._replace(query=query))
-    amqp = urlunsplit(parts._replace(query=urlencode(rest)))
-    return amqp, state, prefix, max_length, delivery_limit
-
-
-def bucket_ms(seconds: float) -> int:
-    """The delay bucket for `seconds`: rounded down to two significant digits of milliseconds
-    (at least MIN_BUCKET_MS), so at most ~900 buckets exist; an early arrival is re-bucketed."""
-    ms = max(MIN_BUCKET_MS, min(MAX_BUCKET_MS, int(seconds * 1000)))
-    scale = 10 ** max(0, len(str(ms)) - 2)
-    return int(ms // scale * scale)
+SLEEP_BELOW = 0.15  # shorter pauses are slept: Redis's BLPOP timeout is only as fine as its hz
+FULL_LOOK_EVERY = 5.0  # seconds between fetches that look in every class (strays, duplicates)
+SWEEP_EVERY = 5.0  # seconds between sweeps (unconfirmed publishes, the poison queue)
+SWEEP_BATCH = 500
 
 
 @dataclass
@@ -120,44 +82,31 @@ class _Held:
 
 class RabbitMQBroker(RedisBroker):
     def __init__(self, url: str = "amqp://guest:guest@127.0.0.1:5672/") -> None:
-        amqp, state, prefix, max_length, delivery_limit = parse_rabbitmq_url(url)
-        super().__init__(state)
+        options = parse_rabbitmq_url(url)
+        super().__init__(options.state_url)
         self.url = url
-        self._amqp_url = amqp
-        self.amqp_prefix = prefix
-        self.max_length = max_length
-        self.delivery_limit = delivery_limit
-        self._connection: aio_pika.abc.AbstractConnection | None = None
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._queues: dict[str, aio_pika.abc.AbstractQueue] = {}
-        self._buckets: set[int] = set()
+        self.options = options
+        self.max_length = options.max_length
+        self._link = AmqpLink(options, self._remember)
         self._held: dict[tuple[str, int], _Held] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_sweep = 0.0
+        self._last_full_look = 0.0
 
     # -- plumbing ------------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        if self._channel is not None:
-            return
         await super().connect()
         client = await self._redis()
-        for name in ("CLAIM", "ROLLBACK", "ROUTE"):
-            self._scripts[name] = client.register_script(getattr(rlua, name))
-        try:
-            self._connection = await aio_pika.connect(self._amqp_url, timeout=10)
-        except Exception as exc:
-            await super().close()
-            raise BrokerError(f"cannot reach RabbitMQ: {exc}; is it running? check the broker URL") from exc
-        channel = await self._connection.channel(publisher_confirms=True)
-        p = self.amqp_prefix
-        work = await channel.declare_exchange(f"{p}.work", aio_pika.ExchangeType.TOPIC, durable=True)
-        await channel.declare_exchange(f"{p}.delay", aio_pika.ExchangeType.TOPIC, durable=True)
-        poison = await channel.declare_queue(
-            f"{p}.poison", durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await self._remember(poison.name)
-        self._work = work
-        self._channel = channel
+        for name in ("CLAIM", "ROLLBACK", "ROUTE", "MARK", "SWEEP", "HINT", "POISON"):
+            if name not in self._scripts:
+                self._scripts[name] = client.register_script(getattr(rlua, name))
+        if not self._link.open:
+            try:
+                await self._link.channel()
+            except BaseException:
+                await super().close()
+                raise
 
     async def close(self) -> None:
         for held in self._held.values():
@@ -166,109 +115,76 @@ class RabbitMQBroker(RedisBroker):
         self._held.clear()  # the channel's close hands unacked messages back to RabbitMQ
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._connection is not None:
-            connection, self._connection, self._channel = self._connection, None, None
-            self._queues.clear()
-            self._buckets.clear()
-            with contextlib.suppress(Exception):
-                await connection.close()
+        await self._link.close()
         await super().close()
 
-    async def _ch(self) -> aio_pika.abc.AbstractChannel:
-        if self._channel is None:
-            await self.connect()
-        assert self._channel is not None
-        return self._channel
-
-    async def _remember(self, *names: str) -> None:
+    async def _remember(self, queue: str | None, names: list[str], classes: list[int]) -> None:
         client = await self._redis()
-        await cast(Any, client.sadd(self.namespace + AMQP_NAMES, *names))
+        with self._errors():
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.sadd(self.namespace + AMQP_NAMES, *names)
+                if queue is not None and classes:
+                    pipe.sadd(self.namespace + CLASSES + queue, *classes)
+                await pipe.execute()
 
-    def _sub(self, queue: str, prio: int) -> str:
-        return f"{self.amqp_prefix}.{queue}.p{prio}"
+    async def _run(self, name: str, args: Sequence[Any]) -> Any:
+        if name != "ENQUEUE":
+            return await super()._run(name, args)
+        # The Redis broker's enqueue script, in one transaction with the "not published yet"
+        # mark of its ids (see the module docstring): no record ever exists unmarked.
+        ids = [item[0] for item in msgspec.msgpack.decode(args[0])]
+        client = await self._redis()
+        with self._errors():
+            async with client.pipeline(transaction=True) as pipe:
+                await self._scripts["MARK"](keys=self._route, args=[self.namespace, *ids], client=pipe)
+                await self._scripts["ENQUEUE"](keys=self._route, args=[self.namespace, *args], client=pipe)
+                _, reply = await pipe.execute()
+        return reply
 
-    async def _declare(self, queue: str) -> None:
-        """Declare the queue's priority classes (quorum queues) and bind them for delay returns."""
-        if self._sub(queue, 0) in self._queues:
-            return
-        channel = await self._ch()
-        args: dict[str, Any] = {
-            "x-queue-type": "quorum",
-            "x-max-length": self.max_length,
-            "x-overflow": "reject-publish",
-            "x-delivery-limit": self.delivery_limit,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": f"{self.amqp_prefix}.poison",
-            "x-dead-letter-strategy": "at-least-once",
-        }
-        names = [self._sub(queue, prio) for prio in PRIORITIES]
-        await self._remember(*names)
-        for name in names:
-            q = await channel.declare_queue(name, durable=True, arguments=args)
-            await q.bind(self._work, routing_key=f"*.{name}")
-            self._queues[name] = q
-
-    async def _bucket(self, ms: int) -> str:
-        name = f"{self.amqp_prefix}.delay.{ms}"
-        if ms not in self._buckets:
-            channel = await self._ch()
-            await self._remember(name)
-            q = await channel.declare_queue(
-                name,
-                durable=True,
-                arguments={
-                    "x-queue-type": "quorum",
-                    "x-message-ttl": ms,
-                    "x-overflow": "reject-publish",
-                    "x-dead-letter-exchange": f"{self.amqp_prefix}.work",
-                    "x-dead-letter-strategy": "at-least-once",
-                },
-            )
-            await q.bind(f"{self.amqp_prefix}.delay", routing_key=f"{ms}.#")
-            self._buckets.add(ms)
-        return name
-
-    async def _publish(self, job_id: str, queue: str, prio: int, body: bytes, delay: float) -> None:
-        """Publish one job message (to its queue, or to a delay bucket) and wait for the confirm."""
-        prio = min(9, max(0, prio))
-        await self._declare(queue)
-        channel = await self._ch()
-        message = aio_pika.Message(
-            body,
-            message_id=job_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={"q": queue, "p": prio, "seq": time.time_ns()},
-        )
-        target = self._sub(queue, prio)
-        if delay > 0:
-            ms = bucket_ms(delay)
-            await self._bucket(ms)
-            exchange = await channel.get_exchange(f"{self.amqp_prefix}.delay", ensure=False)
-            await exchange.publish(message, routing_key=f"{ms}.{target}", mandatory=True)
-        else:
-            await channel.default_exchange.publish(message, routing_key=target, mandatory=True)
+    async def _published(self, ids: Sequence[str], queues: Sequence[str]) -> None:
+        """Confirmed by RabbitMQ: unmark the ids and wake fetches waiting on their queues."""
+        client = await self._redis()
+        with self._errors():
+            async with client.pipeline(transaction=False) as pipe:
+                if ids:
+                    pipe.zrem(self.namespace + UNPUBLISHED, *ids)
+                for q in dict.fromkeys(queues):
+                    pipe.lpush(self.namespace + keys.SIGNAL + q, "1")
+                    pipe.ltrim(self.namespace + keys.SIGNAL + q, 0, keys.SIGNAL_CAP - 1)
+                await pipe.execute()
 
     # -- enqueue -------------------------------------------------------------------------------
 
+    async def declare_queue(self, name: str, max_depth: int | None) -> None:
+        await super().declare_queue(name, max_depth)
+        await self._link.declare(name, 0)  # the usual class, so a first send does not wait for it
+
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
-        results = await super().enqueue(items)  # records, idempotency and the bound, atomically
+        results = await super().enqueue(items)  # marked records, idempotency and the bound, atomically
         now = time.time()
         fresh = [(m, body) for (m, body), e in zip(items, results, strict=True) if e.created]
+        if not fresh:
+            return results
         try:
-            for queue in dict.fromkeys(m.queue for m, _ in fresh):
-                await self._declare(queue)  # first, so the publishes below go out in order
-            for m, _ in fresh:
-                if m.eta is not None and m.eta > now:
-                    await self._bucket(bucket_ms(m.eta - now))
+            for m, _ in fresh:  # declarations first, so the publishes below go out in order
+                await self._link.declare(m.queue, min(9, max(0, m.priority)))
             await asyncio.gather(
-                *(self._publish(m.id, m.queue, m.priority, body, (m.eta or now) - now) for m, body in fresh)
+                *(
+                    self._link.publish(m.id, m.queue, m.priority, body, (m.eta or now) - now)
+                    for m, body in fresh
+                )
             )
         except BaseException as exc:
-            await self._run("ROLLBACK", [m.id for m, _ in fresh])
+            # Not confirmed: take the records back, so the caller's error is the whole truth (a
+            # message that did go out finds no record and is dropped). If this fails too, the
+            # marked records are re-published by a sweeper: the job runs although we raised.
+            with contextlib.suppress(Exception):
+                await self._run("ROLLBACK", [m.id for m, _ in fresh])
             if isinstance(exc, aio_pika.exceptions.DeliveryError):
                 [stats] = await self.stats([fresh[0][0].queue])
                 raise QueueFull(stats.queue, stats.depth, self.max_length, stats.drain_rate) from exc
             raise
+        await self._published([m.id for m, _ in fresh], [m.queue for m, _ in fresh])
         return results
 
     # -- fetch ---------------------------------------------------------------------------------
@@ -280,30 +196,22 @@ class RabbitMQBroker(RedisBroker):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         signals = [self.namespace + keys.SIGNAL + q for q in queues]
+        self._maybe_sweep()
         while True:
-            deliveries = await self._take_amqp(queues, limit)
+            deliveries, due = await self._take_amqp(queues, limit)
             remaining = deadline - loop.time()
             if deliveries or remaining <= 0:
                 return deliveries
             pause = min(remaining, MAX_BLOCK)
-            due = await self._next_due(queues)
             if due is not None:
                 pause = min(pause, max(due + 0.005, MIN_BLOCK))
+            if pause < SLEEP_BELOW:
+                await asyncio.sleep(pause)
+                continue
             with self._errors():
-                await cast(Any, client.blpop(signals, timeout=max(pause, MIN_BLOCK)))
+                await cast(Any, client.blpop(signals, timeout=pause))
 
-    async def _next_due(self, queues: Sequence[str]) -> float | None:
-        client = await self._redis()
-        now = time.time()
-        due: float | None = None
-        for q in queues:
-            head = await client.zrange(self.namespace + keys.DELAYED + q, 0, 0, withscores=True)
-            if head:
-                at = float(head[0][1]) - now
-                due = at if due is None else min(due, at)
-        return due
-
-    async def _take_amqp(self, queues: Sequence[str], limit: int) -> list[Delivery]:
+    async def _take_amqp(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
         call = asyncio.ensure_future(self._take_now(queues, limit))
         try:
             return await asyncio.shield(call)
@@ -311,10 +219,10 @@ class RabbitMQBroker(RedisBroker):
             call.add_done_callback(self._give_back)
             raise
 
-    def _give_back(self, call: asyncio.Future[list[Delivery]]) -> None:
+    def _give_back(self, call: asyncio.Future[tuple[list[Delivery], float | None]]) -> None:
         if call.cancelled() or call.exception() is not None:
             return
-        if deliveries := call.result():
+        if deliveries := call.result()[0]:
             self._spawn(self.settle([Settle(d, "release") for d in deliveries]))
 
     def _spawn(self, coro: Any) -> None:
@@ -322,47 +230,77 @@ class RabbitMQBroker(RedisBroker):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _get(self, name: str) -> aio_pika.abc.AbstractIncomingMessage | None:
-        return await self._queues[name].get(no_ack=False, fail=False)
-
-    async def _take_now(self, queues: Sequence[str], limit: int) -> list[Delivery]:
-        for q in queues:
-            await self._declare(q)
+    async def _take_now(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
+        reply = await self._run("HINT", [limit, *queues])
+        due = float(reply[0]) if reply[0] else None
+        picks = [(queues[int(i)], int(p)) for i, p in (_text(x).split(":") for x in reply[1])]
+        now = time.monotonic()
+        if now - self._last_full_look > FULL_LOOK_EVERY:
+            self._last_full_look = now  # every declared class, for messages Redis does not expect
+            client = await self._redis()
+            with self._errors():
+                found = [await client.smembers(self.namespace + CLASSES + q) for q in queues]
+            extra = [{int(c) for c in members} for members in found]
+        else:
+            extra = [{int(c) for c in _text(r).split(",") if c} for r in reply[2:]]
         out: list[Delivery] = []
-        while len(out) < limit:
-            taken = await self._pull(queues, limit - len(out))
-            if not taken:
-                break
+        taken = await self._pull(queues, picks, extra, limit)
+        while taken:
             out.extend(await self._claim(taken))
-        return out
+            if len(out) >= limit:
+                break
+            # Dropped or delayed on the way: look again, where anything may still wait.
+            extra = [{p for q2, p in picks if q2 == q} | e for q, e in zip(queues, extra, strict=True)]
+            taken = await self._pull(queues, [], extra, limit - len(out))
+        return out, due
 
-    async def _pull(self, queues: Sequence[str], limit: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
-        """Take up to `limit` messages, highest priority class first, then oldest."""
+    async def _pull(
+        self, queues: Sequence[str], picks: list[tuple[str, int]], extra: list[set[int]], limit: int
+    ) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Take up to `limit` messages: first the picks, in order (highest priority, then oldest,
+        across the queues, as the state store sees them); then from the `extra` classes of each
+        queue, highest class first and the queues of a class in turn.
+
+        Each message is taken only when it will be returned, which keeps `basic.nack` out: a
+        requeued message counts towards x-delivery-limit in a quorum queue.
+        """
         taken: list[aio_pika.abc.AbstractIncomingMessage] = []
-        for prio in PRIORITIES:
-            if len(queues) == 1:
-                name = self._sub(queues[0], prio)
-                while len(taken) < limit and (msg := await self._get(name)) is not None:
+        empty: set[str] = set()
+        for q, prio in picks:
+            name = self._link.name(q, prio)
+            if len(taken) >= limit:
+                return taken
+            if name not in empty:
+                msg = await self._link.get(name)
+                if msg is None:
+                    empty.add(name)
+                else:
                     taken.append(msg)
-                continue
-            heads: dict[str, aio_pika.abc.AbstractIncomingMessage] = {}
-            for q in queues:
-                if (msg := await self._get(self._sub(q, prio))) is not None:
-                    heads[q] = msg
-            while heads and len(taken) < limit:
-                q = min(heads, key=lambda name: _seq(heads[name]))
-                taken.append(heads.pop(q))
-                if (msg := await self._get(self._sub(q, prio))) is not None:
-                    heads[q] = msg
-            for msg in heads.values():
-                await msg.nack(requeue=True)
+        for prio in sorted(set[int]().union(*extra), reverse=True):
+            names = [self._link.name(q, prio) for q, e in zip(queues, extra, strict=True) if prio in e]
+            names = [n for n in names if n not in empty]
+            while names and len(taken) < limit:
+                for name in list(names):
+                    if len(taken) >= limit:
+                        break
+                    msg = await self._link.get(name)
+                    if msg is None:
+                        names.remove(name)
+                    else:
+                        taken.append(msg)
             if len(taken) >= limit:
                 break
         return taken
 
     async def _claim(self, taken: list[aio_pika.abc.AbstractIncomingMessage]) -> list[Delivery]:
         ids = [msg.message_id or "" for msg in taken]
-        reply = await self._run("CLAIM", [self.worker_name, *ids])
+        try:
+            reply = await self._run("CLAIM", [self.worker_name, *ids])
+        except BaseException:
+            for msg in taken:  # unclaimed: hand them back at once (this counts as a redelivery)
+                with contextlib.suppress(*AMQP_ERRORS):
+                    await msg.nack(requeue=True)
+            raise
         loop = asyncio.get_running_loop()
         out: list[Delivery] = []
         for msg, job_id, verdict in zip(taken, ids, reply, strict=True):
@@ -378,10 +316,14 @@ class RabbitMQBroker(RedisBroker):
                 out.append(d)
             elif kind == "wait":
                 _, seconds, q, prio = verdict
-                await self._publish(job_id, _text(q), int(prio), msg.body, float(seconds))
-                await msg.ack()
+                try:
+                    await self._link.publish(job_id, _text(q), int(prio), msg.body, float(seconds))
+                    await msg.ack()
+                except AMQP_ERRORS as exc:  # RabbitMQ hands the message back itself
+                    log.warning("delaying job %s failed (RabbitMQ will redeliver it): %s", job_id, exc)
             else:
-                await msg.ack()
+                with contextlib.suppress(*AMQP_ERRORS):
+                    await msg.ack()
         return out
 
     def _expired(self, job_id: str, token: int) -> None:
@@ -390,15 +332,57 @@ class RabbitMQBroker(RedisBroker):
             self._spawn(self._requeue(job_id, held, 0.0, signal=True))
 
     async def _requeue(self, job_id: str, held: _Held, delay: float, signal: bool = False) -> None:
-        """Make the job's message deliverable again (after `delay`): publish anew, ack the old."""
+        """Make the job's message deliverable again (after `delay`): publish anew, then ack the old."""
         try:
-            await self._publish(job_id, held.queue, held.prio, held.message.body, delay)
-            await held.message.ack()
-            if signal:
-                client = await self._redis()
-                await cast(Any, client.lpush(self.namespace + keys.SIGNAL + held.queue, "1"))
-        except Exception as exc:  # noqa: BLE001 - the channel is gone: RabbitMQ hands the message back itself
+            await self._link.publish(job_id, held.queue, held.prio, held.message.body, delay)
+        except Exception as exc:  # noqa: BLE001 - the old message is not acked: RabbitMQ redelivers it
             log.warning("re-publishing job %s failed (RabbitMQ will redeliver it): %s", job_id, exc)
+            return
+        with contextlib.suppress(*AMQP_ERRORS):
+            await held.message.ack()  # on a channel that is gone: redelivered, then dropped or delayed
+        if signal:
+            with contextlib.suppress(BrokerError):
+                await self._published([], [held.queue])
+
+    # -- the sweeper ------------------------------------------------------------------------------
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep >= SWEEP_EVERY:
+            self._last_sweep = now
+            self._spawn(self._sweep())
+
+    async def _sweep(self) -> None:
+        try:
+            await self.sweep()
+        except Exception as exc:  # noqa: BLE001 - the next fetch's sweep tries again
+            log.warning("sweeping unconfirmed publishes and poison messages failed: %s", exc)
+
+    async def sweep(self) -> tuple[int, int]:
+        """Re-publish records whose publish was never confirmed (a producer died between its two
+        writes) and dead-letter the jobs of poison messages. Returns (re-published, poisoned)."""
+        republished = 0
+        while rows := await self._run("SWEEP", [repr(self.options.republish_after), SWEEP_BATCH]):
+            for job_id, q, prio, seconds, body in rows:
+                log.warning("job %s: its publish was never confirmed; publishing it now", _text(job_id))
+                await self._link.publish(_text(job_id), _text(q), int(prio), bytes(body), float(seconds))
+            await self._published([_text(r[0]) for r in rows], [_text(r[1]) for r in rows])
+            republished += len(rows)
+            if len(rows) < SWEEP_BATCH:
+                break
+        poisoned = 0
+        while True:
+            taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+            while len(taken) < SWEEP_BATCH and (msg := await self._link.get(f"{self.options.prefix}.poison")):
+                taken.append(msg)
+            if not taken:
+                break
+            poisoned += int(await self._run("POISON", [m.message_id or "" for m in taken]))
+            for msg in taken:
+                await msg.ack()
+        if poisoned:
+            log.warning("dead-lettered %d job(s) RabbitMQ gave up on (x-delivery-limit)", poisoned)
+        return republished, poisoned
 
     # -- settle --------------------------------------------------------------------------------
 
@@ -414,7 +398,8 @@ class RabbitMQBroker(RedisBroker):
             if held.timer is not None:
                 held.timer.cancel()
             if outcome.kind in ("ack", "dead"):
-                await held.message.ack()
+                with contextlib.suppress(*AMQP_ERRORS):
+                    await held.message.ack()  # if the channel is gone: redelivered, then dropped
             else:
                 delay = outcome.delay if outcome.kind == "retry" else 0.0
                 await self._requeue(d.job_id, held, delay)
@@ -440,18 +425,14 @@ class RabbitMQBroker(RedisBroker):
             chosen = [i for i in chosen if i in wanted]
         if not chosen:
             return 0
+        await self._run("MARK", chosen)  # first: a crash before the publishes leaves them to the sweeper
         count = await super().replay_dead(chosen, queue)
-        client = await self._redis()
-        for job_id, route in zip(chosen, await self._run("ROUTE", chosen), strict=True):
-            if _text(route[0]) == "queued":
-                body = await cast(Any, client.hget(self.namespace + keys.JOB + job_id, "body"))
-                await self._publish(job_id, _text(route[1]), int(route[2]), bytes(body), 0.0)
+        routes = await self._run("ROUTE", chosen)
+        for job_id, (state, q, prio, seconds, body) in zip(chosen, routes, strict=True):
+            if _text(state) == "queued":
+                await self._link.publish(job_id, _text(q), int(prio), bytes(body), float(seconds))
+        await self._published(chosen, [_text(r[1]) for r in routes if _text(r[0]) == "queued"])
         return count
-
-
-def _seq(message: aio_pika.abc.AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get("seq", 0)
-    return int(cast(Any, value))
 
 
 def _prio(message: aio_pika.abc.AbstractIncomingMessage) -> int:

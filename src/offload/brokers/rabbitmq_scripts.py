@@ -2,19 +2,31 @@
 
 The state store holds every job's record in the Redis broker's format (see redis_keys), so the
 Redis broker's own scripts answer get_job, stats, cancel, settle, extend and the DLQ. These add
-what RabbitMQ needs: claiming a job whose AMQP message a fetch just took, and undoing the records
-of an enqueue that RabbitMQ refused.
+what RabbitMQ needs: claiming a job whose AMQP message a fetch just took, undoing the records of
+an enqueue that RabbitMQ refused, marking records whose publish is not confirmed yet and sweeping
+them, telling a fetch which priority classes to look in, and dead-lettering poison messages.
 """
 
 from __future__ import annotations
 
+from offload.brokers.rabbitmq_url import CLASSES, UNPUBLISHED
 from offload.brokers.redis_keys import script
+
+_KEYS = f"""
+local K_UNPUBLISHED = P .. '{UNPUBLISHED}'
+local function k_classes(q) return P .. '{CLASSES}' .. q end
+"""
+
+
+def _script(body: str) -> str:
+    return script(_KEYS + body)
+
 
 # ARGV: namespace, worker name, ids... For each id returns a verdict and its fields:
 #   "take", queue, body, token, deliveries, attempts, lease seconds   (leased to the caller)
 #   "wait", seconds, queue, prio                     (not due yet / leased elsewhere: delay it)
 #   "drop"                                           (finished, cancelled, purged: ack and forget)
-CLAIM = script(
+CLAIM = _script(
     """
 local worker = ARGV[2]
 local now = now_ts()
@@ -26,6 +38,7 @@ local function claim(id, q, f)
   redis.call('HSET', k_job(id), 'state', 'running', 'deliv', deliveries, 'token', token, 'lexp', expires,
     'started', fmt(now), 'worker', worker)
   redis.call('ZADD', K_LEASES, expires, id)
+  redis.call('ZREM', K_UNPUBLISHED, id)  -- its message reached us: nothing to re-publish
   bump(leased, q, 1)
   out[#out + 1] = {'take', q, f.body, token, deliveries, f.att, f.lease}
 end
@@ -73,10 +86,11 @@ return out
 )
 
 # ARGV: namespace, ids... Deletes the records (and idempotency keys) of jobs RabbitMQ refused.
-ROLLBACK = script(
+ROLLBACK = _script(
     """
 for i = 2, #ARGV do
   local id = ARGV[i]
+  redis.call('ZREM', K_UNPUBLISHED, id)
   local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'rm', 'ikey')
   if f[1] == 'queued' then
     if f[3] then redis.call('ZREM', k_ready(f[2]), f[3]) end
@@ -89,14 +103,128 @@ return 0
 """
 )
 
-# ARGV: namespace, ids... Returns per id: state, queue, prio, run_at (what a re-publish needs).
-ROUTE = script(
+# ARGV: namespace, ids... Returns per id: state, queue, prio, seconds until due, body (what a
+# re-publish needs).
+ROUTE = _script(
     """
+local now = now_ts()
 local out = {}
 for i = 2, #ARGV do
-  local f = redis.call('HMGET', k_job(ARGV[i]), 'state', 'queue', 'prio', 'run_at')
-  out[#out + 1] = {f[1] or '', f[2] or '', f[3] or '0', f[4] or '0'}
+  local f = redis.call('HMGET', k_job(ARGV[i]), 'state', 'queue', 'prio', 'run_at', 'body')
+  local wait = math.max(0, tonumber(f[4] or '0') - now)
+  out[#out + 1] = {f[1] or '', f[2] or '', f[3] or '0', fmt(wait), f[5] or ''}
 end
 return out
+"""
+)
+
+# ARGV: namespace, ids... Marks the ids "publish not confirmed yet" (kept: the earliest mark).
+# Runs in one MULTI/EXEC with the Redis broker's ENQUEUE script, so no record exists unmarked.
+MARK = _script(
+    """
+local now = fmt(now_ts())
+for i = 2, #ARGV do redis.call('ZADD', K_UNPUBLISHED, 'NX', now, ARGV[i]) end
+return 0
+"""
+)
+
+# ARGV: namespace, seconds, limit. Takes up to `limit` ids marked unpublished more than `seconds`
+# ago: one whose record is queued is re-marked now (this sweeper owns it for `seconds`) and
+# returned as {id, queue, prio, seconds until due, body}; any other (no record: rolled back,
+# an idempotency duplicate, purged; or delivered since) is unmarked.
+SWEEP = _script(
+    """
+local now = now_ts()
+local out = {}
+local old = redis.call('ZRANGEBYSCORE', K_UNPUBLISHED, '-inf', fmt(now - tonumber(ARGV[2])), 'LIMIT', 0,
+  tonumber(ARGV[3]))
+for _, id in ipairs(old) do
+  local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'prio', 'run_at', 'body')
+  if f[1] == 'queued' then
+    redis.call('ZADD', K_UNPUBLISHED, fmt(now), id)
+    out[#out + 1] = {id, f[2], f[3] or '0', fmt(math.max(0, tonumber(f[4] or '0') - now)), f[5]}
+  else
+    redis.call('ZREM', K_UNPUBLISHED, id)
+  end
+end
+return out
+"""
+)
+
+# ARGV: namespace, limit, queues... Where a fetch should look, as the state store sees it.
+# Returns {seconds until the next delayed job or lease expiry ("" = none), the picks: up to
+# `limit` "<queue index from 0>:<class>" in the order their jobs are due (highest priority, then oldest,
+# across the queues; only declared classes), then per queue the classes to look in besides
+# ("" = none): every declared class when a delayed job of the queue is due or a lease expired
+# (their messages come back from delay buckets and lease timers without a ready entry)}.
+HINT = _script(
+    """
+local limit = tonumber(ARGV[2])
+local now = now_ts()
+local next_at = nil
+local function soonest(head)
+  if head[2] and (next_at == nil or tonumber(head[2]) < next_at) then next_at = tonumber(head[2]) end
+end
+local lease = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
+soonest(lease)
+local expired = lease[2] ~= nil and tonumber(lease[2]) <= now
+local heads, extra = {}, {}
+for i = 3, #ARGV do
+  local q = ARGV[i]
+  local head = redis.call('ZRANGE', k_delayed(q), 0, 0, 'WITHSCORES')
+  soonest(head)
+  local r = redis.call('ZRANGE', k_ready(q), 0, limit - 1, 'WITHSCORES')
+  for j = 1, #r, 2 do heads[#heads + 1] = {tonumber(r[j + 1]), r[j], i - 3, q} end
+  if expired or (head[2] and tonumber(head[2]) <= now) then
+    extra[#extra + 1] = table.concat(redis.call('SMEMBERS', k_classes(q)), ',')
+  else
+    extra[#extra + 1] = ''
+  end
+end
+table.sort(heads, function(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end)
+local picks = {}
+for i = 1, math.min(limit, #heads) do
+  local h = heads[i]
+  local p = tostring(0 - h[1])
+  -- not declared yet: its enqueue has not published (a fetch must not look in a missing queue)
+  if redis.call('SISMEMBER', k_classes(h[4]), p) == 1 then picks[#picks + 1] = h[3] .. ':' .. p end
+end
+local out = {'', picks}
+for _, e in ipairs(extra) do out[#out + 1] = e end
+if next_at ~= nil then out[1] = fmt(math.max(0, next_at - now)) end
+return out
+"""
+)
+
+# ARGV: namespace, ids... Messages RabbitMQ dead-lettered past x-delivery-limit: a job still
+# waiting for them (queued, or running under an expired lease) is dead-lettered in the state
+# store too, so `offload dlq` shows it and can replay it. Returns how many.
+POISON = _script(
+    """
+local now = now_ts()
+local finished = {}
+local n = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'lexp', 'rm', 'deliv')
+  local why = 'RabbitMQ gave up on its message after repeated redeliveries (x-delivery-limit); '
+    .. 'delivered ' .. (f[5] or '0') .. ' times'
+  if f[1] == 'queued' then
+    if f[4] then redis.call('ZREM', k_ready(f[2]), f[4]) end
+    redis.call('ZREM', k_delayed(f[2]), id)
+    to_dlq(id, f[2], now, why, finished)
+    n = n + 1
+  elseif f[1] == 'running' and tonumber(f[3]) <= now then
+    redis.call('ZREM', K_LEASES, id)
+    redis.call('HINCRBY', K_RUNNING, f[2], -1)
+    to_dlq(id, f[2], now, why, finished)
+    n = n + 1
+  end
+end
+count_finished(finished, now)
+return n
 """
 )

@@ -1,0 +1,191 @@
+"""The RabbitMQ broker's AMQP side: one connection and channel, re-opened after a failure, the
+quorum queues it declares, and publishing with confirms (see rabbitmq.py for the design).
+
+Queues, per offload queue `q` (names start with `prefix`):
+
+    <prefix>.<q>.p<0..9>  quorum queue per priority class, declared when first published to:
+                          x-max-length + reject-publish, x-delivery-limit, dead-lettering
+                          (at-least-once) to <prefix>.poison
+    <prefix>.delay.<ms>   quorum delay bucket: x-message-ttl=<ms>, dead-letters (at-least-once)
+                          through the topic exchange <prefix>.work back to the job's class queue
+    <prefix>.poison       messages RabbitMQ itself gave up on (x-delivery-limit)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+
+from offload.brokers.rabbitmq_url import RabbitMQOptions, bucket_ms
+from offload.errors import BrokerError
+
+CONNECT_TIMEOUT = 10.0
+PUBLISH_TIMEOUT = 30.0  # a publish whose confirm takes longer fails (and the enqueue is rolled back)
+
+# What a lost connection or channel raises (a refused publish, DeliveryError, is handled apart).
+AMQP_ERRORS = (aio_pika.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
+
+# Called with (queue name or None, AMQP names, priority classes) to record what was declared.
+Remember = Callable[[str | None, list[str], list[int]], Awaitable[None]]
+
+
+class AmqpLink:
+    def __init__(self, options: RabbitMQOptions, remember: Remember) -> None:
+        self.options = options
+        self.prefix = options.prefix
+        self._remember = remember
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+        self._declared: set[str] = set()
+        self._queues: dict[str, aio_pika.abc.AbstractQueue] = {}
+        self.where = options.amqp_url.split("@")[-1].split("?")[0]
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn a lost connection into a BrokerError and forget the channel (the next call reconnects)."""
+        try:
+            yield
+        except aio_pika.exceptions.DeliveryError:
+            raise
+        except AMQP_ERRORS as exc:
+            self._forget()
+            raise BrokerError(f"RabbitMQ at {self.where}: {type(exc).__name__}: {exc}") from exc
+
+    @property
+    def open(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    def _forget(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        self._declared.clear()
+        self._queues.clear()
+        if connection is not None and not connection.is_closed:
+            task = asyncio.ensure_future(connection.close())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def channel(self) -> aio_pika.abc.AbstractChannel:
+        if self._channel is not None and not self._channel.is_closed:
+            return self._channel
+        async with self._lock:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            self._forget()
+            try:
+                connection = await aio_pika.connect(self.options.amqp_url, timeout=CONNECT_TIMEOUT)
+            except Exception as exc:
+                raise BrokerError(
+                    f"cannot reach RabbitMQ at {self.where}: {exc}; is it running? check the broker URL"
+                ) from exc
+            try:
+                channel = await connection.channel(publisher_confirms=True)
+                p = self.prefix
+                await channel.declare_exchange(f"{p}.work", aio_pika.ExchangeType.TOPIC, durable=True)
+                await channel.declare_exchange(f"{p}.delay", aio_pika.ExchangeType.TOPIC, durable=True)
+                await channel.declare_queue(f"{p}.poison", durable=True, arguments={"x-queue-type": "quorum"})
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                raise
+            await self._remember(None, [f"{p}.poison"], [])
+            self._connection, self._channel = connection, channel
+            return channel
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        self._declared.clear()
+        self._queues.clear()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def name(self, queue: str, prio: int) -> str:
+        return f"{self.prefix}.{queue}.p{prio}"
+
+    async def declare(self, queue: str, prio: int) -> str:
+        """Declare one priority class of `queue` (idempotent) and bind it for delay returns."""
+        name = self.name(queue, prio)
+        if name in self._declared:
+            return name
+        channel = await self.channel()
+        args: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-max-length": self.options.max_length,
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": self.options.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": f"{self.prefix}.poison",
+            "x-dead-letter-strategy": "at-least-once",
+        }
+        with self.errors():
+            q = await channel.declare_queue(name, durable=True, arguments=args)
+            await q.bind(f"{self.prefix}.work", routing_key=f"*.{name}")
+        await self._remember(queue, [name], [prio])  # after: a fetch only looks in declared classes
+        self._declared.add(name)
+        self._queues[name] = q
+        return name
+
+    async def bucket(self, ms: int) -> None:
+        name = f"{self.prefix}.delay.{ms}"
+        if name in self._declared:
+            return
+        channel = await self.channel()
+        await self._remember(None, [name], [])  # before: cleanup tools must find it
+        with self.errors():
+            q = await channel.declare_queue(
+                name,
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": ms,
+                    "x-overflow": "reject-publish",
+                    "x-dead-letter-exchange": f"{self.prefix}.work",
+                    "x-dead-letter-strategy": "at-least-once",
+                },
+            )
+            await q.bind(f"{self.prefix}.delay", routing_key=f"{ms}.#")
+        self._declared.add(name)
+
+    async def publish(self, job_id: str, queue: str, prio: int, body: bytes, delay: float) -> None:
+        """Publish one job message (to its class queue, or to a delay bucket); return on the confirm.
+
+        Raises DeliveryError if RabbitMQ refused it (a full queue), BrokerError if it is unreachable.
+        """
+        prio = min(9, max(0, prio))
+        target = await self.declare(queue, prio)
+        message = aio_pika.Message(
+            body,
+            message_id=job_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={"q": queue, "p": prio, "seq": time.time_ns()},
+        )
+        if delay > 0:
+            ms = bucket_ms(delay)
+            await self.bucket(ms)
+        channel = await self.channel()
+        with self.errors():
+            if delay > 0:
+                exchange = await channel.get_exchange(f"{self.prefix}.delay", ensure=False)
+                await exchange.publish(
+                    message, routing_key=f"{ms}.{target}", mandatory=True, timeout=PUBLISH_TIMEOUT
+                )
+            else:
+                await channel.default_exchange.publish(
+                    message, routing_key=target, mandatory=True, timeout=PUBLISH_TIMEOUT
+                )
+
+    async def get(self, name: str) -> aio_pika.abc.AbstractIncomingMessage | None:
+        """basic.get one message (manual ack) from a queue known to exist."""
+        channel = await self.channel()
+        with self.errors():
+            q = self._queues.get(name)
+            if q is None:
+                q = self._queues[name] = await channel.get_queue(name, ensure=False)
+            return await q.get(no_ack=False, fail=False)

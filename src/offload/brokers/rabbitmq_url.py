@@ -1,0 +1,75 @@
+"""The RabbitMQ broker's URL and the names it gives things in RabbitMQ (see rabbitmq.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from offload.errors import ConfigurationError
+
+DEFAULT_STATE = "redis://127.0.0.1:6379/0"
+DEFAULT_PREFIX = "offload"
+MIN_BUCKET_MS = 10
+MAX_BUCKET_MS = 99 * 10**8  # ~115 days; longer delays hop through several buckets
+
+# Redis keys the RabbitMQ broker adds to the Redis broker's layout (after the namespace):
+AMQP_NAMES = "amqp"  # SET of every AMQP queue made, for cleanup tools
+CLASSES = "amqp-classes:"  # SET per offload queue: the priority classes declared in RabbitMQ
+UNPUBLISHED = "unpublished"  # ZSET: job id -> when its record was written and its publish began
+
+
+@dataclass(frozen=True)
+class RabbitMQOptions:
+    amqp_url: str  # what aio-pika connects to (our options removed)
+    state_url: str  # the Redis state store, with the key prefix
+    prefix: str
+    max_length: int  # x-max-length of each priority class queue (reject-publish past it)
+    delivery_limit: int  # x-delivery-limit: RabbitMQ's own redelivery backstop
+    republish_after: float  # seconds before a sweeper re-publishes a record whose publish never confirmed
+
+
+def parse_rabbitmq_url(url: str) -> RabbitMQOptions:
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigurationError(f"not an AMQP URL: {parts.scheme}://...")
+    state, prefix = DEFAULT_STATE, DEFAULT_PREFIX
+    numbers: dict[str, float] = {"max_length": 1_000_000, "delivery_limit": 20, "republish_after": 10.0}
+    rest: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "state":
+            state = value
+        elif name == "prefix":
+            prefix = value
+        elif name in numbers:
+            try:
+                numbers[name] = float(value) if name == "republish_after" else int(value)
+            except ValueError:
+                raise ConfigurationError(f"{name}={value!r} in the RabbitMQ URL: use a number") from None
+            if numbers[name] <= 0:
+                raise ConfigurationError(f"{name}={value!r} in the RabbitMQ URL: must be positive")
+        else:
+            rest.append((name, value))  # aio-pika's own options (heartbeat, ...)
+    if not prefix:
+        raise ConfigurationError("empty prefix in the RabbitMQ URL")
+    state_parts = urlsplit(state)
+    if state_parts.scheme not in ("redis", "rediss"):
+        raise ConfigurationError(f"state={state!r}: the RabbitMQ broker's state store must be a Redis URL")
+    if "prefix" not in dict(parse_qsl(state_parts.query)):
+        query = "&".join(q for q in (state_parts.query, urlencode({"prefix": f"{prefix}:"})) if q)
+        state = urlunsplit(state_parts._replace(query=query))
+    return RabbitMQOptions(
+        amqp_url=urlunsplit(parts._replace(query=urlencode(rest))),
+        state_url=state,
+        prefix=prefix,
+        max_length=int(numbers["max_length"]),
+        delivery_limit=int(numbers["delivery_limit"]),
+        republish_after=numbers["republish_after"],
+    )
+
+
+def bucket_ms(seconds: float) -> int:
+    """The delay bucket for `seconds`: rounded down to two significant digits of milliseconds
+    (at least MIN_BUCKET_MS), so at most ~900 buckets exist; an early arrival is re-bucketed."""
+    ms = max(MIN_BUCKET_MS, min(MAX_BUCKET_MS, int(seconds * 1000)))
+    scale = 10 ** max(0, len(str(ms)) - 2)
+    return int(ms // scale * scale)
