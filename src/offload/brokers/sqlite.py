@@ -30,12 +30,12 @@ from offload.brokers.base import (
     QueueStats,
     Settle,
     job_info_from_row,
-    lease_seconds,
 )
+from offload.brokers.sqlite_enqueue import EnqueueBatcher, Outcome, enqueue_calls_op, outcome_of
 from offload.brokers.sqlite_schema import connect
 from offload.brokers.sqlite_writer import GroupCommitWriter
 from offload.brokers.wakeup import WakeListener, WakeSender
-from offload.errors import ConfigurationError, QueueFull
+from offload.errors import ConfigurationError
 from offload.job import JobInfo
 from offload.message import Message
 
@@ -83,6 +83,7 @@ class SqliteBroker(Broker):
         self.path, self.durability = parse_sqlite_url(url)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self._writer: GroupCommitWriter | None = None
+        self._batcher: EnqueueBatcher | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._sender: WakeSender | None = None
@@ -100,6 +101,7 @@ class SqliteBroker(Broker):
         self._read_conn = await asyncio.to_thread(connect, self.path, sync)
         self._sender = WakeSender(self.path)
         self._writer = GroupCommitWriter(write_conn, self._after_commit, sync)
+        self._batcher = EnqueueBatcher(self._writer, _drain_rate)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="offload-sqlite-reader")
 
     async def close(self) -> None:
@@ -108,6 +110,7 @@ class SqliteBroker(Broker):
             self._listener = None
         if self._writer is not None:
             writer, self._writer = self._writer, None
+            self._batcher = None
             await asyncio.to_thread(writer.close)
         if self._reader is not None:
             reader, self._reader = self._reader, None
@@ -152,7 +155,10 @@ class SqliteBroker(Broker):
         await self._write(op)
 
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
-        return await self._write(self._enqueue_op(items), wakes=True)
+        if self._batcher is None:
+            await self.connect()
+        assert self._batcher is not None
+        return await self._batcher.enqueue(items)
 
     def enqueue_blocking(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
         """`enqueue` for a sync caller on any thread, straight to the writer thread.
@@ -163,67 +169,8 @@ class SqliteBroker(Broker):
         """
         if self._writer is None:
             raise RuntimeError("connect() the broker before enqueue_blocking()")
-        result: list[Enqueued] = self._writer.call(self._enqueue_op(items), wakes=True)
-        return result
-
-    def _enqueue_op(
-        self, items: Sequence[tuple[Message, bytes]]
-    ) -> Callable[[sqlite3.Connection], list[Enqueued]]:
-        def op(conn: sqlite3.Connection) -> list[Enqueued]:
-            now = time.time()
-            out: list[Enqueued | None] = []
-            rows: list[tuple[Any, ...]] = []
-            keys: list[tuple[str, str, float]] = []
-            held: dict[str, str] = {}
-            adding: dict[str, int] = {}
-            for message, body in items:
-                key = message.idempotency_key
-                if key is not None:
-                    existing = held.get(key) or _held_key(conn, key, now)
-                    if existing is not None:
-                        out.append(Enqueued(existing, created=False))
-                        continue
-                    held[key] = message.id
-                    keys.append((key, message.id, now + message.idempotency_window))
-                run_at = max(now, message.eta) if message.eta is not None else now
-                rows.append(
-                    (
-                        message.id,
-                        message.queue,
-                        message.task,
-                        message.priority,
-                        run_at,
-                        message.created_at or now,
-                        lease_seconds(message.timeout),
-                        message.max_deliveries,
-                        message.result_ttl,
-                        key,
-                        body,
-                    )
-                )
-                adding[message.queue] = adding.get(message.queue, 0) + 1
-                out.append(None)
-            for name, count in adding.items():
-                row = conn.execute(
-                    "SELECT max_depth, queued FROM offload_queues WHERE name = ?", (name,)
-                ).fetchone()
-                if row is not None and row[0] is not None and row[1] + count > row[0]:
-                    raise QueueFull(name, row[1], row[0], _drain_rate(conn, name, now))
-            conn.executemany(
-                "INSERT INTO offload_jobs (id, queue, task, state, priority, run_at, created_at, "
-                "lease_seconds, max_deliveries, result_ttl, idempotency_key, body) "
-                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            if keys:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO offload_idempotency (key, job_id, expires_at) VALUES (?, ?, ?)",
-                    keys,
-                )
-            created = iter(rows)
-            return [e if e is not None else Enqueued(next(created)[0], True) for e in out]
-
-        return op
+        outcomes: list[Outcome] = self._writer.call(enqueue_calls_op([items], _drain_rate), wakes=True)
+        return outcome_of(outcomes[0])
 
     # -- fetch ---------------------------------------------------------------------------------
 
@@ -523,13 +470,6 @@ def _ack_all(conn: sqlite3.Connection, acks: Sequence[Settle], now: float) -> se
         ).fetchall()
         accepted.update((job_id, token) for job_id, token in rows)
     return accepted
-
-
-def _held_key(conn: sqlite3.Connection, key: str, now: float) -> str | None:
-    row = conn.execute(
-        "SELECT job_id FROM offload_idempotency WHERE key = ? AND expires_at > ?", (key, now)
-    ).fetchone()
-    return None if row is None else str(row[0])
 
 
 def _recover_expired_leases(conn: sqlite3.Connection, now: float) -> None:
