@@ -140,6 +140,8 @@ class App:
         """The connected broker for the running event loop (made on first use)."""
         loop = asyncio.get_running_loop()
         pending = self._brokers.get(loop)
+        if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
+            return pending.result()  # connected: skip the shield, which costs every send a future
         if pending is None:
             pending = self._brokers[loop] = loop.create_task(self._connect())
         try:

@@ -197,14 +197,19 @@ class TaskCall(Generic[P, R]):
 
     def message(self, *args: P.args, **kwargs: P.kwargs) -> Message:
         """Build the job envelope without sending it (for `app.send_many`)."""
+        self._task.check_arguments(args, kwargs)
+        return self.checked_message(args, kwargs)
+
+    def checked_message(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Message:
+        """`message` for arguments already checked against the signature (the HTTP API's validator
+        does that, and reports every fault; binding them again would cost a submit ~8 µs)."""
         task, opts = self._task, self._options
-        task.check_arguments(args, kwargs)
         now = time.time()
         return Message(
             id=new_job_id(),
             task=task.name,
             queue=opts.queue or task.config.queue,
-            args=args,
+            args=tuple(args),
             kwargs=kwargs,
             priority=task.config.priority if opts.priority is None else opts.priority,
             eta=opts.eta_epoch(now),
