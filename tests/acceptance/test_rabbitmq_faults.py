@@ -1,0 +1,367 @@
+"""The RabbitMQ broker under faults, with the real CLI in subprocesses.
+
+(a) A worker process is SIGKILLed mid-run with 5,000 jobs (on the shared test server, under a
+    prefix of its own): no job is lost, and only jobs the killed worker had taken run twice.
+(b) A RabbitMQ node of our own (its own node name, ports, data and log directories under
+    tmp_path; the shared server is never touched) is SIGKILLed and started again during a burst
+    of enqueues and processing: every acknowledged enqueue survives, the producer and the worker
+    reconnect by themselves, and every job completes.
+(c) A producer dies between writing a job's record and publishing its message: a worker's
+    sweeper publishes it, and the job runs once.
+Each needs RabbitMQ and Redis (OFFLOAD_TEST_AMQP_URL, OFFLOAD_TEST_REDIS_URL) and (b) the
+rabbitmq-server scripts; they are skipped where those are missing, unless CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+import acceptance_app
+import psutil
+import pytest
+from acceptance_harness import APP, Harness, sigkill_a_worker_mid_run, wait_until
+
+from offload import App, BrokerError
+
+SHARED_AMQP = os.environ.get("OFFLOAD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS = os.environ.get("OFFLOAD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}; CI=true requires it for the RabbitMQ fault tests", pytrace=False)
+    pytest.skip(message)
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _url(amqp: str, prefix: str, **options: str) -> str:
+    return f"{amqp}?{urlencode({'state': REDIS, 'prefix': prefix, **options})}"
+
+
+def _cleanup(amqp: str, prefix: str) -> None:
+    """Delete the test's queues and exchanges (named in its state store), then its Redis keys."""
+    import aio_pika
+    import redis
+
+    from offload.brokers.rabbitmq import AMQP_NAMES
+    from offload.brokers.redis_keys import keyspace
+
+    client = redis.Redis.from_url(REDIS)
+    try:
+        names = [n.decode() for n in client.smembers(keyspace(f"{prefix}:") + AMQP_NAMES)]  # type: ignore[union-attr]
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(amqp, timeout=10)
+        try:
+            channel = await connection.channel()
+            for name in names:
+                await channel.queue_delete(name)
+            for exchange in (f"{prefix}.work", f"{prefix}.delay"):
+                await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()
+
+    asyncio.run(delete())
+
+
+@pytest.fixture
+def shared_prefix() -> Iterator[str]:
+    """A prefix of its own on the shared RabbitMQ and Redis, deleted afterwards."""
+    if not _reachable(SHARED_AMQP, 5672) or not _reachable(REDIS, 6379):
+        _unavailable(f"RabbitMQ at {SHARED_AMQP} or Redis at {REDIS} is not reachable")
+    prefix = f"offload-faults-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    _cleanup(SHARED_AMQP, prefix)
+
+
+# -- a RabbitMQ node of our own --------------------------------------------------------------------
+
+
+def _free_port(start: int, stop: int) -> int:
+    for port in range(start, stop):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}-{stop - 1} for a test RabbitMQ node")
+
+
+def _server_script() -> str | None:
+    # The Debian wrapper in /usr/sbin switches to the rabbitmq user, who cannot write to
+    # tmp_path; the script it runs starts a node as whoever calls it.
+    for candidate in (
+        os.environ.get("OFFLOAD_TEST_RABBITMQ_SERVER"),
+        "/usr/lib/rabbitmq/bin/rabbitmq-server",
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("rabbitmq-server")
+
+
+class RabbitNode:
+    """rabbitmq-server in the foreground with its own node name, ports and directories."""
+
+    def __init__(self, directory: Path, script: str) -> None:
+        self.dir = directory
+        self.script = script
+        self.port = _free_port(5690, 5790)
+        dist = _free_port(25690, 25790)
+        self.node = f"offload-test-{self.port}@localhost"
+        self.amqp = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.url = ""  # the broker URL, set by the fixture
+        (directory / "enabled_plugins").write_text("[].\n")  # no management listener to clash
+        (directory / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        (directory / "rabbitmq-env.conf").write_text("")  # not the system's (it names the shared node)
+        self.env = {
+            **os.environ,
+            "HOME": str(directory),  # the Erlang cookie goes here
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(dist),
+            "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(directory / "log"),
+            "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
+            "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf"),
+            "RABBITMQ_PID_FILE": str(directory / "pid"),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = open(directory / "server.out", "ab")  # noqa: SIM115
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.script],
+            env=self.env,
+            cwd=self.dir,
+            stdout=self._log,
+            stderr=self._log,
+            start_new_session=True,
+        )
+        wait_until(self._answers, 90, f"RabbitMQ node {self.node} to accept AMQP connections", interval=0.3)
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"RabbitMQ node {self.node} exited: {(self.dir / 'server.out').read_text()[-3000:]}"
+            )
+        return _reachable(self.amqp, self.port)
+
+    def _tree(self) -> list[psutil.Process]:
+        assert self.process is not None
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *(p for p in root.children(recursive=True) if p.name() != "epmd")]
+        except psutil.NoSuchProcess:
+            return []
+
+    def crash(self) -> None:
+        """SIGKILL the node: no shutdown; only what its quorum queues' logs hold survives."""
+        assert self.process is not None
+        for p in self._tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            tree = self._tree()
+            for p in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.terminate()
+            _, alive = psutil.wait_procs(tree, timeout=30)
+            for p in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            self.process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def rabbit_node(tmp_path: Path) -> Iterator[RabbitNode]:
+    script = _server_script()
+    if script is None:
+        _unavailable("rabbitmq-server is not installed")
+    if not _reachable(REDIS, 6379):
+        _unavailable(f"Redis at {REDIS} is not reachable")
+    assert script is not None
+    directory = tmp_path / "rabbitmq"
+    directory.mkdir()
+    node = RabbitNode(directory, script)
+    node.start()
+    prefix = f"offload-faults-{uuid.uuid4().hex[:12]}"
+    node.url = _url(node.amqp, prefix)
+    try:
+        yield node
+    finally:
+        node.stop()
+        _cleanup_redis(prefix)
+
+
+def _cleanup_redis(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+
+
+# -- the tests ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_a_worker_mid_run_loses_no_job(tmp_path: Path, shared_prefix: str) -> None:
+    harness = Harness(tmp_path, _url(SHARED_AMQP, shared_prefix))
+    try:
+        sigkill_a_worker_mid_run(harness, 5000, "RabbitMQ")
+    finally:
+        harness.close()
+
+
+def _send_until_accepted(sender: App, messages: list[object]) -> tuple[list[str], int]:
+    """Send one batch, re-sending the same messages (same ids) while RabbitMQ is unreachable."""
+    failures = 0
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            jobs = sender.send_many(messages)  # type: ignore[arg-type]
+        except BrokerError:
+            failures += 1
+            assert time.monotonic() < deadline, "RabbitMQ did not come back within 120s"
+            time.sleep(0.2)
+            continue
+        return [job.id for job in jobs], failures
+
+
+@pytest.mark.timeout(400)
+def test_rabbitmq_restart_during_a_burst_loses_no_acknowledged_job(
+    tmp_path: Path, rabbit_node: RabbitNode
+) -> None:
+    harness = Harness(tmp_path, rabbit_node.url)
+    n, batch = 4000, 100
+    worker = harness.spawn("worker", APP, "--concurrency", "16")
+    sender = App(harness.url)
+    ids: list[str] = []
+    failed_sends = 0
+    restarter: threading.Thread | None = None
+    acknowledged_before_crash: list[str] = []
+    try:
+        for start in range(0, n, batch):
+            if start == 2 * n // 5:
+                wait_until(lambda: harness.count("end", "quick") >= 200, 60, "200 jobs to complete")
+                acknowledged_before_crash = list(ids)
+                rabbit_node.crash()
+                # Back after 1.5s (plus its boot), while the producer and the worker keep trying.
+                restarter = threading.Thread(target=lambda: (time.sleep(1.5), rabbit_node.start()))
+                restarter.start()
+            messages = [acceptance_app.quick.message(k) for k in range(start, start + batch)]
+            sent, failures = _send_until_accepted(sender, messages)
+            assert sent == [m.id for m in messages]
+            ids += sent
+            failed_sends += failures
+        if restarter is not None:
+            restarter.join()
+        assert failed_sends > 0, "no enqueue met the outage: the test proved nothing"
+
+        wait_until(lambda: len(harness.tally("end", "quick")) == n, 180, "every job to complete")
+        wait_until(
+            lambda: all(i.state.value == "succeeded" for i in harness.jobs(ids)), 90, "every job to be acked"
+        )
+        worker.send_signal(signal.SIGTERM)
+        assert harness.wait_exit(worker, 30) == 0
+        log = harness.stderr_of(worker)
+        assert "fetching failed; retrying in 1s" in log, "the worker never saw the outage"
+
+        starts = harness.tally("start", "quick")
+        ends = harness.tally("end", "quick")
+        lost = [k for k in range(n) if ends[k] == 0]
+        duplicated = sorted(k for k, c in starts.items() if c > 1)
+        print(
+            f"\nRabbitMQ node SIGKILLed and restarted after {len(acknowledged_before_crash)} of {n} "
+            f"enqueues ({failed_sends} send attempts refused while it was down): lost={len(lost)} "
+            f"duplicated={len(duplicated)} (unacked when RabbitMQ died, run again)"
+        )
+        assert lost == []
+        assert set(starts) == set(range(n))
+        stats = harness.stats()
+        assert (stats["ready"], stats["delayed"], stats["running"], stats["dead"]) == (0, 0, 0, 0), stats
+    finally:
+        if restarter is not None:
+            restarter.join()
+        sender.close()
+        harness.close()
+
+
+_DIE_BETWEEN_WRITES = """
+import os, sys
+from offload.brokers import rabbitmq_link
+
+async def die(*args, **kwargs):
+    os._exit(9)  # after the record write, before the message is published
+
+rabbitmq_link.AmqpLink.publish = die
+import acceptance_app
+acceptance_app.quick.send(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_producer_dying_between_record_and_publish_strands_no_job(tmp_path: Path, shared_prefix: str) -> None:
+    harness = Harness(tmp_path, _url(SHARED_AMQP, shared_prefix, republish_after="1"))
+    try:
+        producer = subprocess.run(
+            [sys.executable, "-c", _DIE_BETWEEN_WRITES, "7"],
+            env=harness.env,
+            cwd=tmp_path,
+            capture_output=True,
+        )
+        assert producer.returncode == 9, producer.stderr.decode()
+        stats = harness.stats()
+        assert (stats["ready"], stats["running"]) == (1, 0), stats  # a record, and no message
+
+        time.sleep(1.2)  # past republish_after: the worker's first fetch sweeps it
+        worker = harness.spawn("worker", APP, "--concurrency", "4", "--burst")
+        assert harness.wait_exit(worker, 60) == 0
+        log = harness.stderr_of(worker)
+        assert "its publish was never confirmed; publishing it now" in log, log
+        assert harness.tally("start", "quick") == {7: 1}
+        stats = harness.stats()
+        assert (stats["ready"], stats["delayed"], stats["running"], stats["dead"]) == (0, 0, 0, 0), stats
+        print("\nproducer killed between its record write and its publish: the sweeper published the job")
+    finally:
+        harness.close()
