@@ -2,7 +2,8 @@
 
 Each job appends one fixed-width line "enqueued started finished" (epoch seconds) to a file of
 its own process under BENCH_RECORD_DIR. The runner counts jobs done from the files' sizes and
-reads the timestamps afterwards, so completion is detected the same way for every system and the
+reads the timestamps afterwards (with BENCH_RECORD_BY_PARENT, for rq's forked work horses, the file
+is their parent's), so completion is detected the same way for every system and the
 measurement costs each job one small unbuffered write (atomic with O_APPEND).
 """
 
@@ -29,7 +30,9 @@ def _record_fd() -> int | None:
         return None
     with _lock:
         if _fd is None or _fd[0] != pid:
-            path = os.path.join(directory, f"{pid}.rec")
+            # rq forks a process per job: its records go to one file per worker (the parent)
+            owner = os.getppid() if os.environ.get("BENCH_RECORD_BY_PARENT") else pid
+            path = os.path.join(directory, f"{owner}.rec")
             _fd = (pid, os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
         return _fd[1]
 

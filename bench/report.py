@@ -1,4 +1,5 @@
-"""Medians over repeats, the markdown table, and the ratios against the baseline."""
+"""Medians over repeats, and per broker group: the table, the ratios against the group's offload
+system, and where the time goes (server operations and CPU per job)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("latency p90 at 200/s (ms)", "latency", "p90_ms", False),
     ("latency p99 at 200/s (ms)", "latency", "p99_ms", False),
     ("1 ms CPU jobs, 2 processes (jobs/s)", "cpu-2p", "jobs_per_s", True),
-    ("CPU per no-op job, 1-process drain (µs)", "drain-1p", "cpu_us_per_job", False),
+    ("CPU per no-op job, 1-process drain, workers + server (µs)", "drain-1p", "cpu_us_per_job", False),
     ("peak RSS per worker process, 1-process drain (MB)", "drain-1p", "rss_max_mb", False),
     ("peak RSS per worker process, 2-process drain (MB)", "drain-2p", "rss_max_mb", False),
 ]
@@ -26,7 +27,7 @@ WORSE = 0.95  # ratios below this are flagged: the baseline is more than 5% wors
 EXTRA_ROWS: list[tuple[str, str, str]] = [
     ("drain no-op, 1 process, incl. start-up (jobs/s)", "drain-1p", "wall_jobs_per_s"),
     ("drain no-op, 2 processes, incl. start-up (jobs/s)", "drain-2p", "wall_jobs_per_s"),
-    ("CPU per no-op job, 2-process drain (µs)", "drain-2p", "cpu_us_per_job"),
+    ("CPU per no-op job, 2-process drain, workers + server (µs)", "drain-2p", "cpu_us_per_job"),
     ("CPU per 1 ms CPU job, 2 processes (µs)", "cpu-2p", "cpu_us_per_job"),
     ("worker start-up to first job, 1 process (s)", "drain-1p", "startup_s"),
     ("latency max (ms)", "latency", "max_ms"),
@@ -42,7 +43,8 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]
             continue
         metrics = grouped.setdefault(run["system"], {}).setdefault(run["scenario"], {})
         for key, value in run["metrics"].items():
-            metrics.setdefault(key, []).append(value)
+            if isinstance(value, int | float):
+                metrics.setdefault(key, []).append(value)
     return {
         system: {
             scenario: {key: statistics.median(values) for key, values in metrics.items()}
@@ -125,16 +127,108 @@ def _source_line(code: dict[str, Any]) -> str:
     return line
 
 
+# Where the time goes: (label, scenario, metric)
+TIME_ROWS: list[tuple[str, str, str]] = [
+    ("round trips per job, enqueue one by one", "enqueue-one", "requests_per_job"),
+    ("round trips per job, enqueue bulk", "enqueue-bulk", "requests_per_job"),
+    ("round trips per job, 1-process drain (fetch + settle)", "drain-1p", "requests_per_job"),
+    ("round trips per job, 2-process drain", "drain-2p", "requests_per_job"),
+    ("server operations per job, enqueue one by one", "enqueue-one", "ops_per_job"),
+    ("server operations per job, enqueue bulk", "enqueue-bulk", "ops_per_job"),
+    ("server operations per job, 1-process drain (fetch + settle)", "drain-1p", "ops_per_job"),
+    ("server operations per job, 2-process drain", "drain-2p", "ops_per_job"),
+    ("worker CPU per no-op job, 1-process drain (µs)", "drain-1p", "worker_cpu_us_per_job"),
+    ("server CPU per no-op job, 1-process drain (µs)", "drain-1p", "server_cpu_us_per_job"),
+    ("worker CPU per no-op job, 2-process drain (µs)", "drain-2p", "worker_cpu_us_per_job"),
+    ("server CPU per no-op job, 2-process drain (µs)", "drain-2p", "server_cpu_us_per_job"),
+]
+OPS_UNITS = {
+    "sqlite": "",
+    "redis": "Redis commands, those run inside Lua scripts included (INFO commandstats). The "
+    "counts are server-wide: ⚠N% marks a figure of which other clients of the shared server "
+    "(rate measured just before) may make up N%",
+    "postgres": "transactions in the bench's database (pg_stat_database xact_commit + xact_rollback, "
+    "over the workers' whole life for drains)",
+    "rabbitmq": "Redis commands of the state store only, server-wide as in the Redis group (⚠N%: "
+    "others' estimated share); RabbitMQ's own operations are not counted",
+    "nats": "",
+}
+ROUND_TRIPS = (
+    "Round trips: requests the workers (drains, from the first job done to the last) or the "
+    "producer wrote to the broker servers, counted as TCP data segments sent (`ss -ti`)."
+)
+TITLES = {
+    "sqlite": "SQLite",
+    "redis": "Redis",
+    "postgres": "PostgreSQL",
+    "rabbitmq": "RabbitMQ",
+    "nats": "NATS JetStream",
+}
+
+
+NOISY = 0.1  # server operations of which others' share (estimated) is above this are flagged
+
+
+def time_table(summary: dict[str, Any], systems: list[str]) -> str:
+    lines = [
+        "| per job | " + " | ".join(systems) + " |",
+        "|---|" + "---:|" * len(systems),
+    ]
+    shown = 0
+    for label, scenario, metric in TIME_ROWS:
+        cells = [summary.get(s, {}).get(scenario, {}).get(metric) for s in systems]
+        if all(c is None for c in cells):
+            continue
+        shown += 1
+        texts = [_fmt(c) for c in cells]
+        if metric == "ops_per_job":
+            for i, s in enumerate(systems):
+                share = summary.get(s, {}).get(scenario, {}).get("ops_background_share") or 0.0
+                if cells[i] is not None and share > NOISY:
+                    texts[i] += f" ⚠{share:.0%}"
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
+    return "\n".join(lines) if shown else ""
+
+
+def ops_breakdown(runs: list[dict[str, Any]], system: str) -> list[str]:
+    """Round trips by server and operations by name, per job, for `system` (its last successful
+    repeat of each scenario)."""
+    out = []
+    for scenario, what in (
+        ("enqueue-one", "enqueue one by one"),
+        ("enqueue-bulk", "enqueue bulk"),
+        ("drain-1p", "1-process drain (fetch + settle)"),
+    ):
+        found = [r for r in runs if r["system"] == system and r["scenario"] == scenario and r.get("detail")]
+        if not found:
+            continue
+        detail = found[-1]["detail"]
+        shown = []
+        requests = detail.get("requests") or {}
+        jobs = detail.get("requests_jobs") or detail.get("ops_jobs") or 0
+        if requests and jobs and len(requests) > 1:
+            shown.append(
+                "round trips " + " + ".join(f"{kind} {n / jobs:.3g}" for kind, n in sorted(requests.items()))
+            )
+        ops = detail.get("ops") or {}
+        jobs = detail.get("ops_jobs") or 0
+        if ops and jobs:
+            top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+            shown.append(", ".join(f"{name.split(':', 1)[1]} {calls / jobs:.3g}" for name, calls in top))
+        if shown:
+            out.append(f"- {what}: " + "; ".join(shown))
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    systems = meta["systems"]
-    baseline = meta["baseline"]
     counts = meta["counts"]
+    quick = " **--quick: small counts, one repeat — a smoke test, not a result.**" if meta["quick"] else ""
     parts = [
         "# offload benchmark",
         "",
         f"`{meta['command']}` — {meta['started']}, {meta['elapsed_s']:.0f} s, "
-        f"medians of {meta['repeat']} repeat(s).",
+        f"medians of {meta['repeat']} repeat(s).{quick}",
         "",
         f"Machine: {meta['machine']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
@@ -143,25 +237,45 @@ def markdown(result: dict[str, Any]) -> str:
         f"Counts: enqueue one by one {counts['enqueue_one']:,}; bulk {counts['enqueue_bulk']:,}; "
         f"drains {counts['drain']:,} no-op jobs; latency {counts['latency_rate']:.0f} jobs/s for "
         f"{counts['latency_seconds']:.0f} s after {counts['latency_idle']:.1f} s idle; "
-        f"CPU {counts['cpu']:,} × 1 ms. Workers: huey/dramatiq {meta['threads']} threads per process, "
-        f"offload concurrency {meta['offload_concurrency']} per process "
-        f"(launcher: {meta['offload_launcher']}).",
+        f"CPU {counts['cpu']:,} × 1 ms. Workers: huey/dramatiq/celery {meta['threads']} threads per "
+        f"process, offload concurrency {meta['offload_concurrency']} per process "
+        f"(launcher: {meta['offload_launcher']}), taskiq/saq/procrastinate/pgqueuer the same "
+        f"{meta['offload_concurrency']}.",
         "",
         _source_line(meta["offload_source"]),
         "",
-        table(result["summary"], systems),
-        "",
-        f"## Ratios: {baseline} relative to each peer",
-        "",
-        "Values > 1 mean offload-sqlite-strict is better (faster, lower latency or less memory); "
-        "⚠ marks where it is more than 5% worse.",
-        "",
-        ratio_table(result["ratios"], baseline, systems),
-        "",
-        "## Systems",
-        "",
+        "Ratios are the group's offload system relative to each peer on the same broker: > 1 means "
+        "offload is better (faster, lower latency, less CPU or memory); ⚠ marks where it is more "
+        "than 5% worse.",
     ]
+    for group, info in meta["groups"].items():
+        systems = info["systems"]
+        baseline = info["baseline"]
+        parts += ["", f"## {TITLES.get(group, group)}", "", table(result["summary"], systems), ""]
+        if baseline in systems and baseline in result["summary"]:
+            parts += [
+                f"Ratios: {baseline} relative to each peer.",
+                "",
+                ratio_table(result["ratios"].get(group, {}), baseline, systems),
+            ]
+        else:
+            parts.append(f"No ratios: the baseline {baseline} was not measured.")
+        timing = time_table(result["summary"], systems)
+        if timing:
+            parts += ["", f"### Where the time goes ({TITLES.get(group, group)})", ""]
+            parts += [ROUND_TRIPS, ""]
+            unit = OPS_UNITS.get(group)
+            if unit:
+                parts += [f"Server operations: {unit}.", ""]
+            parts.append(timing)
+            breakdown = ops_breakdown(result["runs"], baseline)
+            if breakdown:
+                parts += ["", f"{baseline}, per job, by server and by operation:", "", *breakdown]
+    parts += ["", "## Systems", ""]
     parts += [f"- **{name}**: {note}" for name, note in meta["notes"].items()]
+    if meta.get("skipped"):
+        parts += ["", "## Skipped", ""]
+        parts += [f"- **{name}**: {reason}" for name, reason in meta["skipped"].items()]
     errors = [r for r in result["runs"] if r.get("error")]
     if errors:
         parts += ["", "## Failed runs", ""]

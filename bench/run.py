@@ -1,9 +1,9 @@
-"""Run offload side by side with huey and dramatiq and report medians and ratios.
+"""Run offload side by side with its peers, broker by broker, and report medians and ratios.
 
-    .venv/bin/python -m bench.run [--quick] [--repeat N] [--systems ...] [--scenarios ...]
+    .venv/bin/python -m bench.run [--quick] [--repeat N] [--groups ...] [--systems ...] [--scenarios ...]
 
-Writes bench/results/latest.json (every run, medians, ratios) and bench/results/latest.md.
-See bench/README.md for what each scenario measures.
+Writes bench/results/latest.json (every run, medians, ratios per group) and bench/results/latest.md.
+See bench/README.md for the groups, the systems and what each scenario measures.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 
 import redis
 
-from bench import report, source
+from bench import report, servers, source
 from bench.scenarios import REPO_ROOT, SCENARIOS, Context, Counts
-from bench.systems import BASELINE, SYSTEMS, Settings
+from bench.systems import GROUPS, SYSTEMS, Settings, System
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -38,11 +38,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, 1 repeat: a smoke test")
     parser.add_argument("--repeat", type=int, help="repeats per scenario (default 3; 1 with --quick)")
-    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument(
+        "--groups",
+        nargs="+",
+        choices=list(GROUPS),
+        default=list(GROUPS),
+        help="broker groups to run (default: all); each is compared against its offload system",
+    )
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=list(SYSTEMS),
+        help="only these systems (default: every system of the chosen groups)",
+    )
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5", help="flushed before each run")
-    parser.add_argument("--threads", type=int, default=8, help="threads per huey/dramatiq worker process")
-    parser.add_argument("--offload-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--postgres-url",
+        default="postgresql://root@127.0.0.1:5432/offload_bench",
+        help="its database is dropped and created again before each run",
+    )
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument(
+        "--threads", type=int, default=8, help="threads per huey/dramatiq/celery worker process"
+    )
+    parser.add_argument(
+        "--offload-concurrency",
+        type=int,
+        default=32,
+        help="offload's --concurrency, and the async peers' (taskiq, saq, procrastinate, pgqueuer)",
+    )
     parser.add_argument(
         "--offload-launcher",
         choices=["cli", "runner"],
@@ -69,7 +95,26 @@ def _log(message: str) -> None:
 
 def _versions(redis_client: redis.Redis) -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for package in ("offload", "huey", "dramatiq", "redis", "psycopg"):
+    packages = (
+        "offload",
+        "huey",
+        "dramatiq",
+        "celery",
+        "kombu",
+        "rq",
+        "taskiq",
+        "taskiq-redis",
+        "saq",
+        "procrastinate",
+        "pgqueuer",
+        "redis",
+        "asyncpg",
+        "psycopg",
+        "aio-pika",
+        "pika",
+        "nats-py",
+    )
+    for package in packages:
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -87,7 +132,7 @@ def _imported_offload(settings: Settings) -> str:
     ctx = Context(settings, Counts(), WORK_DIR)
     done = subprocess.run(
         [sys.executable, "-c", "import offload; print(offload.__file__)"],
-        env=ctx.env(SYSTEMS[BASELINE]),
+        env=ctx.env(SYSTEMS[GROUPS["sqlite"]]),
         capture_output=True,
         text=True,
         timeout=60,
@@ -97,6 +142,51 @@ def _imported_offload(settings: Settings) -> str:
     if settings.offload_snapshot and not where.startswith(str(settings.offload_snapshot)):
         raise SystemExit(f"subprocesses import offload from {where}, not the snapshot")
     return where
+
+
+def _reset_servers(settings: Settings, system: System) -> None:
+    """Empty what the bench owns on the system's servers (the runner flushes the Redis DB)."""
+    if "postgres" in system.servers:
+        servers.reset_postgres(settings.postgres_url)
+    if "rabbitmq" in system.servers:
+        servers.reset_amqp(settings.amqp_url, system.amqp_queues)
+
+
+def _available(settings: Settings, systems: list[System]) -> tuple[list[System], dict[str, str]]:
+    """The systems that can run here, and why each of the others cannot."""
+    checks = {"postgres": servers.check_postgres, "rabbitmq": servers.check_amqp}
+    urls = {"postgres": settings.postgres_url, "rabbitmq": settings.amqp_url}
+    down: dict[str, str] = {}
+    for kind, check in checks.items():
+        if any(kind in s.servers for s in systems):
+            try:
+                check(urls[kind])
+            except Exception as exc:
+                down[kind] = f"{kind} server not reachable: {type(exc).__name__}: {exc}"
+    ok: list[System] = []
+    skipped: dict[str, str] = {}
+    for system in systems:
+        reason = next((down[k] for k in system.servers if k in down), None)
+        if reason is None:
+            env = Context(settings, Counts(), WORK_DIR).env(system)
+            reason = system.unavailable(settings, env)
+        if reason is None:
+            ok.append(system)
+        else:
+            skipped[system.name] = reason
+            _log(f"SKIPPING {system.name}: {reason}")
+    return ok, skipped
+
+
+def _clean_up(settings: Settings, systems: list[System]) -> None:
+    """Leave no queues behind on the shared RabbitMQ server (the bench's Redis DB and PostgreSQL
+    database stay, for inspection; the next run empties them)."""
+    for system in systems:
+        if "rabbitmq" in system.servers:
+            try:
+                servers.reset_amqp(settings.amqp_url, system.amqp_queues)
+            except Exception as exc:
+                _log(f"could not delete {system.name}'s RabbitMQ queues: {exc}")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -121,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         offload_concurrency=args.offload_concurrency,
         offload_launcher=args.offload_launcher,
         offload_snapshot=None if args.no_snapshot else source.snapshot(WORK_DIR / "snapshot"),
+        postgres_url=args.postgres_url,
+        amqp_url=args.amqp_url,
+        nats_url=args.nats_url,
     )
     code["imported_from"] = _imported_offload(settings)
     redis_client = redis.Redis.from_url(args.redis_url)
     redis_client.ping()
-    systems = [SYSTEMS[name] for name in args.systems]
+    names = args.systems or [name for name, s in SYSTEMS.items() if s.group in args.groups]
+    systems, skipped = _available(settings, [SYSTEMS[name] for name in names])
     started = time.time()
     runs: list[dict[str, Any]] = []
     interrupted = False
@@ -144,8 +238,14 @@ def main(argv: list[str] | None = None) -> int:
             "offload's source changed during the run"
             + ("; the snapshot taken at the start was measured" if settings.offload_snapshot else "")
         )
+    _clean_up(settings, systems)
     summary = report.medians(runs)
     names = [s.name for s in systems]
+    groups = {
+        group: {"baseline": baseline, "systems": [s.name for s in systems if s.group == group]}
+        for group, baseline in GROUPS.items()
+        if any(s.group == group for s in systems)
+    }
     result = {
         "meta": {
             "command": " ".join(
@@ -157,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "quick": args.quick,
             "systems": names,
+            "groups": groups,
+            "skipped": skipped,
             "scenarios": args.scenarios,
-            "baseline": BASELINE,
             "counts": dataclasses.asdict(counts),
             "threads": args.threads,
             "offload_concurrency": args.offload_concurrency,
@@ -170,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": runs,
         "summary": summary,
-        "ratios": report.ratios(summary, BASELINE, names),
+        "ratios": {
+            group: report.ratios(summary, info["baseline"], info["systems"]) for group, info in groups.items()
+        },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -186,14 +289,18 @@ def _measure(
 ) -> dict[str, Any]:
     run_dir = WORK_DIR / "runs" / f"{system.name}-{scenario}-{repeat}"
     run_dir.mkdir(parents=True)
-    redis_client.flushdb()
-    system.reset(settings)
     ctx = Context(settings, counts, run_dir)
     _log(f"repeat {repeat}: {system.name} {scenario} ...")
     begin = time.monotonic()
     record: dict[str, Any] = {"system": system.name, "scenario": scenario, "repeat": repeat}
     try:
+        redis_client.flushdb()
+        _reset_servers(settings, system)
+        system.reset(settings, ctx.env(system))
         record["metrics"] = SCENARIOS[scenario](ctx, system)
+        detail = record["metrics"].pop("detail", None)
+        if detail:
+            record["detail"] = detail
     except KeyboardInterrupt:
         raise
     except Exception as exc:
@@ -202,6 +309,8 @@ def _measure(
     record["seconds"] = time.monotonic() - begin
     if "metrics" in record:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in record["metrics"].items())
+        if record.get("detail"):
+            shown += f"; {record['detail']}"
         _log(f"  {shown} ({record['seconds']:.1f}s)")
     else:
         # keep the logs of a failed run for inspection; drop the others' records

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from bench.procs import Workers, count_records, read_records, wait_for_records
+from bench.servers import Probes, ops_delta
 from bench.systems import Settings, System
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,13 +60,17 @@ class Context:
             PYTHONUNBUFFERED="1",
             BENCH_WORK_DIR=str(self.settings.work_dir),
             BENCH_REDIS_URL=self.settings.redis_url,
+            BENCH_POSTGRES_URL=self.settings.postgres_url,
+            BENCH_AMQP_URL=self.settings.amqp_url,
+            BENCH_NATS_URL=self.settings.nats_url,
+            BENCH_PROBE_SERVERS=",".join(system.servers),
         )
         env.update(system.env(self.settings))
         env.update(extra)
         return env
 
 
-def client(ctx: Context, system: System, action: str, count: int, **options: Any) -> dict[str, float]:
+def client(ctx: Context, system: System, action: str, count: int, **options: Any) -> dict[str, Any]:
     """Run bench.client for `system` and return what it printed."""
     command = [sys.executable, "-m", "bench.client", system.name, action, "--count", str(count)]
     for key, value in options.items():
@@ -84,7 +87,7 @@ def client(ctx: Context, system: System, action: str, count: int, **options: Any
     )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -99,28 +102,45 @@ def _start_workers(ctx: Context, system: System, processes: int) -> tuple[Worker
 # -- scenarios -------------------------------------------------------------------------------
 
 
-def enqueue_one(ctx: Context, system: System) -> dict[str, float]:
-    n = ctx.counts.enqueue_one
-    out = client(ctx, system, "enqueue-one", n)
-    return {"jobs_per_s": n / out["seconds"]}
+def _enqueue(ctx: Context, system: System, action: str, n: int) -> dict[str, Any]:
+    out = client(ctx, system, action, n, probe=1)
+    metrics: dict[str, Any] = {"jobs_per_s": n / out["seconds"]}
+    if system.servers:
+        metrics["requests_per_job"] = sum(out["requests"].values()) / n
+        metrics["detail"] = {"requests": out["requests"], "ops_jobs": n}
+    if "ops" in out:
+        total = sum(out["ops"].values())
+        metrics["ops_per_job"] = total / n
+        metrics["ops_background_share"] = out["ops_background"] / max(1, total)
+        metrics["detail"]["ops"] = out["ops"]
+    return metrics
 
 
-def enqueue_bulk(ctx: Context, system: System) -> dict[str, float]:
-    n = ctx.counts.enqueue_bulk
-    out = client(ctx, system, "enqueue-bulk", n)
-    return {"jobs_per_s": n / out["seconds"]}
+def enqueue_one(ctx: Context, system: System) -> dict[str, Any]:
+    return _enqueue(ctx, system, "enqueue-one", ctx.counts.enqueue_one)
 
 
-def _redis_cpu_seconds(ctx: Context, system: System) -> float:
-    """CPU used so far by the Redis server, for systems whose store it is (else 0)."""
-    if not system.uses_redis:
-        return 0.0
-    info = redis.Redis.from_url(ctx.settings.redis_url).info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+def enqueue_bulk(ctx: Context, system: System) -> dict[str, Any]:
+    return _enqueue(ctx, system, "enqueue-bulk", ctx.counts.enqueue_bulk)
 
 
-def _drain(ctx: Context, system: System, processes: int, kind: str, n: int) -> dict[str, float]:
+def _drain(ctx: Context, system: System, processes: int, kind: str, n: int) -> dict[str, Any]:
     client(ctx, system, "enqueue-bulk", n, kind=kind)
+    probes = Probes(system.servers, ctx.env(system))
+    try:
+        return _drain_probed(ctx, system, processes, n, probes)
+    finally:
+        probes.close()
+
+
+def _drain_probed(ctx: Context, system: System, processes: int, n: int, probes: Probes) -> dict[str, Any]:
+    # Operations are counted from the first job done to the last where the server counts them at
+    # once (Redis); where it reports them late (PostgreSQL), over the workers' whole life.
+    lagging = probes.lag > 0
+    background = probes.background_rate() if probes.counts_ops else 0.0  # others' operations
+    if lagging:
+        time.sleep(probes.lag)
+        ops_before, ops_since = probes.ops(), time.monotonic()
     workers, records = _start_workers(ctx, system, processes)
     timeout = max(60.0, n / 100)
     with workers:
@@ -128,35 +148,58 @@ def _drain(ctx: Context, system: System, processes: int, kind: str, n: int) -> d
         workers.start_sampling()
         # CPU is counted from the first job done, so imports and start-up are left out.
         wait_for_records(records, 1, timeout=timeout, workers=workers)
-        cpu_before = workers.cpu_seconds() + _redis_cpu_seconds(ctx, system)
+        worker_cpu_before, server_cpu_before = workers.cpu_seconds(), probes.cpu_seconds()
+        requests_before = probes.requests(p.pid for p in workers.tree())
+        if not lagging:
+            ops_before, ops_since = probes.ops(), time.monotonic()
         done_before = count_records(records)
         done = wait_for_records(records, n, timeout=timeout, workers=workers)
-        cpu = workers.cpu_seconds() + _redis_cpu_seconds(ctx, system) - cpu_before
+        worker_cpu = workers.cpu_seconds() - worker_cpu_before
+        server_cpu = probes.cpu_seconds() - server_cpu_before
+        requests = ops_delta(requests_before, probes.requests(p.pid for p in workers.tree()))
+        if not lagging:
+            ops_after, ops_until = probes.ops(), time.monotonic()
         workers.stop_sampling()
+    if lagging:
+        time.sleep(probes.lag)
+        ops_after, ops_until = probes.ops(), time.monotonic()
     rows = read_records(records)
     first_start = min(started for _, started, _ in rows)
     last_end = max(finished for _, _, finished in rows)
     peaks = workers.peak_rss.values()
-    return {
+    counted = max(1, n - done_before)
+    metrics: dict[str, Any] = {
         "jobs_per_s": n / (last_end - first_start),
         "wall_jobs_per_s": n / (done - spawned),
         "startup_s": first_start - spawned,
         "rss_max_mb": max(peaks, default=0) / 2**20,
         "rss_total_mb": sum(peaks) / 2**20,
         "processes_seen": len(workers.peak_rss),
-        "cpu_us_per_job": cpu / max(1, n - done_before) * 1e6,
+        "cpu_us_per_job": (worker_cpu + server_cpu) / counted * 1e6,
+        "worker_cpu_us_per_job": worker_cpu / counted * 1e6,
     }
+    if system.servers:
+        metrics["server_cpu_us_per_job"] = server_cpu / counted * 1e6
+        metrics["requests_per_job"] = sum(requests.values()) / counted
+        metrics["detail"] = {"requests": requests, "requests_jobs": counted}
+    if probes.counts_ops:
+        ops = ops_delta(ops_before, ops_after)
+        total = sum(ops.values())
+        metrics["ops_per_job"] = total / (n if lagging else counted)
+        metrics["ops_background_share"] = background * (ops_until - ops_since) / max(1, total)
+        metrics["detail"].update(ops=ops, ops_jobs=n if lagging else counted)
+    return metrics
 
 
-def drain_1p(ctx: Context, system: System) -> dict[str, float]:
+def drain_1p(ctx: Context, system: System) -> dict[str, Any]:
     return _drain(ctx, system, 1, "noop", ctx.counts.drain)
 
 
-def drain_2p(ctx: Context, system: System) -> dict[str, float]:
+def drain_2p(ctx: Context, system: System) -> dict[str, Any]:
     return _drain(ctx, system, 2, "noop", ctx.counts.drain)
 
 
-def cpu_2p(ctx: Context, system: System) -> dict[str, float]:
+def cpu_2p(ctx: Context, system: System) -> dict[str, Any]:
     return _drain(ctx, system, 2, "cpu", ctx.counts.cpu)
 
 

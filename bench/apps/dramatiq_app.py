@@ -1,15 +1,22 @@
-"""dramatiq's benchmark app: the Redis broker with its default middleware, no result backend."""
+"""dramatiq's benchmark app: the Redis or RabbitMQ broker (BENCH_DRAMATIQ_BROKER) with its
+default middleware, no result backend."""
 
 from __future__ import annotations
 
 import os
 
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
 
 from bench import jobs
 
-broker = RedisBroker(url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5"))
+if os.environ.get("BENCH_DRAMATIQ_BROKER", "redis") == "rabbitmq":
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+else:
+    from dramatiq.brokers.redis import RedisBroker
+
+    broker = RedisBroker(url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5"))
 dramatiq.set_broker(broker)
 
 

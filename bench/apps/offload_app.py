@@ -1,4 +1,5 @@
-"""offload's benchmark app: one SQLite file per durability mode under BENCH_WORK_DIR."""
+"""offload's benchmark app: the broker URL comes from BENCH_OFFLOAD_URL (the adapter sets it);
+without it, one SQLite file per durability mode under BENCH_WORK_DIR."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import os
 from bench import jobs
 from offload import App
 
-DURABILITY = os.environ.get("BENCH_OFFLOAD_DURABILITY", "strict")
-DB_PATH = os.path.join(os.path.abspath(os.environ.get("BENCH_WORK_DIR", ".")), f"offload-{DURABILITY}.db")
+URL = os.environ.get("BENCH_OFFLOAD_URL")
+if URL is None:
+    DURABILITY = os.environ.get("BENCH_OFFLOAD_DURABILITY", "strict")
+    DB_PATH = os.path.join(os.path.abspath(os.environ.get("BENCH_WORK_DIR", ".")), f"offload-{DURABILITY}.db")
+    URL = f"sqlite:///{DB_PATH}?durability={DURABILITY}"
 
-app = App(f"sqlite:///{DB_PATH}?durability={DURABILITY}")
+
+app = App(URL)
 
 
 @app.task(name="bench.job", retries=0)

@@ -1,17 +1,25 @@
 """The small interface every benchmarked system implements.
 
-The runner process only uses `env`, `reset` and `worker_commands`; `producer` is called inside a
-client subprocess (bench.client) whose environment already holds `env`, so that importing a
-system's app never happens in the runner and every measurement starts from a fresh process.
+The runner process only uses `env`, `unavailable`, `reset` and `worker_commands`; `producer` is
+called inside a client subprocess (bench.client) whose environment already holds `env`, so that
+importing a system's app never happens in the runner and every measurement starts from a fresh
+process.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import importlib
 import os
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+# Broker groups: each system belongs to one, and each group's ratios are against its baseline.
+SQLITE, REDIS, POSTGRES, RABBITMQ, NATS = "sqlite", "redis", "postgres", "rabbitmq", "nats"
 
 
 @dataclass(frozen=True)
@@ -19,13 +27,21 @@ class Settings:
     """What every adapter needs to know about this run."""
 
     work_dir: Path
-    redis_url: str
-    threads: int  # threads per worker process for huey and dramatiq
-    offload_concurrency: int
+    redis_url: str  # a DB of its own: flushed before every measurement
+    threads: int  # threads per worker process for huey, dramatiq, celery
+    offload_concurrency: int  # offload's --concurrency, and the async peers' concurrency
     offload_launcher: str  # "cli" (`offload worker`) or "runner" (bench.offload_worker)
     # A copy of offload's source taken when the run started, put first on every subprocess's
     # PYTHONPATH so edits made to src/ during the run do not change what is measured.
     offload_snapshot: Path | None = None
+    # A database of its own on this server: dropped and created again before every measurement.
+    postgres_url: str = "postgresql://root@127.0.0.1:5432/offload_bench"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    nats_url: str = "nats://127.0.0.1:4222"
+
+    @property
+    def postgres_database(self) -> str:
+        return self.postgres_url.rsplit("/", 1)[1].split("?", 1)[0]
 
 
 class Producer(abc.ABC):
@@ -46,9 +62,33 @@ class Producer(abc.ABC):
         """Flush and close connections."""
 
 
+class AsyncProducer(Producer):
+    """A producer for an asyncio library: one event loop, kept for the client's lifetime."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        self.run(self.aclose())
+        self.loop.close()
+
+    async def aclose(self) -> None:
+        """Close the library's connections (on the producer's loop)."""
+
+
 class System(abc.ABC):
     name: str
-    uses_redis: bool = False
+    group: str  # SQLITE, REDIS, POSTGRES, RABBITMQ or NATS
+    # Servers whose state is reset before each measurement and whose CPU (and, where the server
+    # can count them, operations) are measured: "redis", "postgres", "rabbitmq", "nats".
+    servers: tuple[str, ...] = ()
+    # RabbitMQ queues this system creates, deleted before every measurement.
+    amqp_queues: tuple[str, ...] = ()
+    # Modules the system needs; a missing one skips the system with a message.
+    requires: tuple[str, ...] = ()
     # One line for the report: settings and anything that makes the comparison less than equal.
     notes: str = ""
 
@@ -56,9 +96,19 @@ class System(abc.ABC):
         """Variables that select this system's configuration in its app module."""
         return {}
 
-    @abc.abstractmethod
-    def reset(self, settings: Settings) -> None:
-        """Remove all jobs and state (the runner flushes the Redis DB itself)."""
+    def unavailable(self, settings: Settings, env: dict[str, str]) -> str | None:
+        """Why this system cannot run here (checked once, in the runner), or None.
+
+        `env` is the environment its worker and client processes get."""
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                return f"cannot import {module}: {exc}"
+        return None
+
+    def reset(self, settings: Settings, env: dict[str, str]) -> None:  # noqa: B027 - optional
+        """After the runner reset the servers: remove files, install schemas (env: as unavailable)."""
 
     @abc.abstractmethod
     def worker_commands(self, settings: Settings, processes: int) -> list[list[str]]:
@@ -80,3 +130,15 @@ def remove_sqlite(path: Path) -> None:
             os.unlink(f"{path}{suffix}")
         except FileNotFoundError:
             pass
+
+
+def redis_url() -> str:
+    return os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
+
+
+def postgres_url() -> str:
+    return os.environ.get("BENCH_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/offload_bench")
+
+
+def amqp_url() -> str:
+    return os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

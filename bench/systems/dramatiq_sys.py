@@ -1,8 +1,8 @@
-"""dramatiq with its Redis broker, run by its own CLI (`dramatiq module -p N -t T`)."""
+"""dramatiq with its Redis or RabbitMQ broker, run by its own CLI (`dramatiq module -p N -t T`)."""
 
 from __future__ import annotations
 
-from bench.systems.base import Producer, Settings, System, venv_script
+from bench.systems.base import RABBITMQ, REDIS, Producer, Settings, System, venv_script
 
 MODULE = "bench.apps.dramatiq_app"
 
@@ -15,7 +15,11 @@ class DramatiqProducer(Producer):
         self.job = dramatiq_app.job
 
     def connect(self) -> None:
-        self.broker.client.ping()
+        client = getattr(self.broker, "client", None)
+        if client is not None:
+            client.ping()  # Redis
+        else:
+            self.broker.declare_queue("default", ensure=True)  # RabbitMQ: connects, declares
 
     def send_one(self, kind: str, enqueued: float) -> None:
         self.job.send(kind, enqueued)
@@ -30,15 +34,30 @@ class DramatiqProducer(Producer):
 
 
 class DramatiqSystem(System):
-    name = "dramatiq-redis"
-    uses_redis = True
-    notes = (
-        "RedisBroker, default middleware, no result backend; enqueue-bulk is a loop of send "
-        "(no batch API); worker: one `dramatiq -p N -t T` (a parent process forking N workers)"
-    )
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+        self.name = f"dramatiq-{broker}"
+        self.group = broker
+        self.servers = (broker,)
+        worker = "worker: one `dramatiq -p N -t T` (a parent process forking N workers)"
+        if broker == REDIS:
+            self.notes = (
+                "RedisBroker, default middleware, no result backend; enqueue-bulk is a loop of send "
+                f"(no batch API); {worker}"
+            )
+        elif broker == RABBITMQ:
+            self.requires = ("pika",)
+            self.amqp_queues = ("default", "default.DQ", "default.XQ")
+            self.notes = (
+                "RabbitmqBroker defaults: classic durable queues, persistent messages, no publisher "
+                "confirms (confirm_delivery=False: a send returns before RabbitMQ has the message), "
+                f"prefetch 2 x threads; enqueue-bulk is a loop of send; {worker}"
+            )
+        else:
+            raise ValueError(broker)
 
-    def reset(self, settings: Settings) -> None:
-        pass  # everything lives in the Redis DB, which the runner flushes
+    def env(self, settings: Settings) -> dict[str, str]:
+        return {"BENCH_DRAMATIQ_BROKER": self.broker}
 
     def worker_commands(self, settings: Settings, processes: int) -> list[list[str]]:
         return [

@@ -34,7 +34,8 @@ class HueySystem(System):
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self.name = f"huey-{backend}"
-        self.uses_redis = backend == "redis"
+        self.group = backend
+        self.servers = ("redis",) if backend == "redis" else ()
         storage = "RedisHuey (blocking dequeue)" if backend == "redis" else "SqliteHuey (WAL, fsync default)"
         self.notes = (
             f"{storage}; enqueue-bulk uses task.map (a loop: huey has no batch enqueue); "
@@ -44,7 +45,7 @@ class HueySystem(System):
     def env(self, settings: Settings) -> dict[str, str]:
         return {"BENCH_HUEY_BACKEND": self.backend}
 
-    def reset(self, settings: Settings) -> None:
+    def reset(self, settings: Settings, env: dict[str, str]) -> None:
         if self.backend == "sqlite":
             remove_sqlite(settings.work_dir / "huey.db")
 

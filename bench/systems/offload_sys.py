@@ -1,12 +1,27 @@
-"""offload on its embedded SQLite broker, in `strict` (synchronous=FULL) or `fast` durability."""
+"""offload on each of its brokers: SQLite (strict or fast durability), Redis, PostgreSQL,
+RabbitMQ (with Redis state) and NATS. One app module; the adapter sets the broker URL."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
-from bench.systems.base import Producer, Settings, System, remove_sqlite, venv_script
+from bench.systems.base import (
+    NATS,
+    POSTGRES,
+    RABBITMQ,
+    REDIS,
+    SQLITE,
+    Producer,
+    Settings,
+    System,
+    remove_sqlite,
+    venv_script,
+)
 
 APP_PATH = "bench.apps.offload_app:app"
+PREFIX = "offload_bench"  # RabbitMQ queue names and the NATS bucket
+WORKER = "`offload worker --processes N --concurrency C` (N > 1: a supervisor and N children)"
 
 
 class OffloadProducer(Producer):
@@ -20,7 +35,7 @@ class OffloadProducer(Producer):
         async def touch(broker: object) -> None:
             return None
 
-        self.app.run_sync(touch)  # starts the portal thread and opens the database
+        self.app.run_sync(touch)  # starts the portal thread, connects (creates schemas)
 
     def send_one(self, kind: str, enqueued: float) -> None:
         self.job.send(kind, enqueued)
@@ -33,20 +48,91 @@ class OffloadProducer(Producer):
 
 
 class OffloadSystem(System):
-    def __init__(self, durability: str) -> None:
+    """broker: "sqlite" (with durability "strict" or "fast"), "redis", "postgres", "rabbitmq",
+    "nats"."""
+
+    def __init__(self, broker: str, durability: str = "") -> None:
+        self.broker = broker
         self.durability = durability
-        self.name = f"offload-sqlite-{durability}"
-        self.notes = (
-            f"SQLite WAL, durability={durability}; enqueue-bulk uses app.send_many "
-            "(one transaction per 5,000); worker: `offload worker --processes N --concurrency C` "
-            "(N > 1: a supervisor and N children), tasks on the thread executor"
-        )
+        self.name = f"offload-{broker}-{durability}" if durability else f"offload-{broker}"
+        self.group = broker
+        send = "enqueue-bulk uses app.send_many (one call per 5,000 jobs)"
+        tasks = "tasks on the thread executor"
+        if broker == SQLITE:
+            self.notes = f"SQLite WAL, durability={durability}; {send}; worker: {WORKER}, {tasks}"
+        elif broker == REDIS:
+            self.servers = (REDIS,)
+            self.notes = f"Redis broker (Lua scripts); {send}; worker: {WORKER}, {tasks}"
+        elif broker == POSTGRES:
+            self.servers = (POSTGRES,)
+            self.requires = ("asyncpg",)
+            self.notes = (
+                f"PostgreSQL broker (asyncpg, FOR UPDATE SKIP LOCKED, LISTEN/NOTIFY, server's "
+                f"synchronous_commit); {send}; worker: {WORKER}, {tasks}"
+            )
+        elif broker == RABBITMQ:
+            self.servers = (RABBITMQ, REDIS)
+            self.requires = ("aio_pika",)
+            self.amqp_queues = (
+                *(f"{PREFIX}.default.p{p}" for p in range(10)),
+                f"{PREFIX}.poison",
+            )
+            self.notes = (
+                "RabbitMQ broker (new): quorum queues with publisher confirms, job state "
+                f"in Redis (the bench's Redis DB); {send}; worker: {WORKER}, {tasks}; server CPU "
+                "is RabbitMQ's + Redis's"
+            )
+        elif broker == NATS:
+            self.servers = (NATS,)
+            self.requires = ("nats",)
+            self.notes = (
+                f"NATS JetStream KV broker (experimental), replicas=1; {send}; worker: {WORKER}, {tasks}"
+            )
+        else:
+            raise ValueError(broker)
+
+    def url(self, settings: Settings) -> str | None:
+        if self.broker == REDIS:
+            return settings.redis_url
+        if self.broker == POSTGRES:
+            return f"{settings.postgres_url}?schema=offload"
+        if self.broker == RABBITMQ:
+            return f"{settings.amqp_url}?state={settings.redis_url}&prefix={PREFIX}"
+        if self.broker == NATS:
+            return f"{settings.nats_url}?bucket={PREFIX}"
+        return None
 
     def env(self, settings: Settings) -> dict[str, str]:
-        return {"BENCH_OFFLOAD_DURABILITY": self.durability}
+        if self.broker == SQLITE:
+            return {"BENCH_OFFLOAD_DURABILITY": self.durability}
+        return {"BENCH_OFFLOAD_URL": self.url(settings) or ""}
 
-    def reset(self, settings: Settings) -> None:
-        remove_sqlite(settings.work_dir / f"offload-{self.durability}.db")
+    def unavailable(self, settings: Settings, env: dict[str, str]) -> str | None:
+        missing = super().unavailable(settings, env)
+        if missing:
+            return missing
+        # Can the measured offload make the broker from its URL? (In a subprocess with the
+        # workers' environment, so the snapshot is what answers.)
+        done = subprocess.run(
+            [sys.executable, "-c", "import bench.apps.offload_app"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["?"])[-1]
+            return f"offload cannot construct this broker: {last}"
+        return None
+
+    def reset(self, settings: Settings, env: dict[str, str]) -> None:
+        if self.broker == SQLITE:
+            remove_sqlite(settings.work_dir / f"offload-{self.durability}.db")
+        elif self.broker == NATS:
+            from bench.servers import reset_nats
+
+            reset_nats(settings.nats_url, (PREFIX, f"{PREFIX}_drain"))
 
     def worker_commands(self, settings: Settings, processes: int) -> list[list[str]]:
         concurrency = str(settings.offload_concurrency)
