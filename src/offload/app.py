@@ -11,6 +11,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from offload.brokers import Broker, Enqueued, Settle, broker_from_url
 from offload.errors import ConfigurationError, UnknownTaskError
 from offload.job_handle import Job
+from offload.maintenance import Maintenance
 from offload.message import DEFAULT_MAX_MESSAGE_BYTES, Message, encode
 from offload.portal import Portal
 from offload.retry import RetryPolicy
@@ -61,6 +62,8 @@ class App:
         self.completion_hooks: list[CompletionHook] = []
         # Queues every worker of this app serves besides the ones it is given (notifications).
         self.system_queues: list[str] = []
+        # Chores every worker of this app runs now and then (the webhook DLQ scan).
+        self.maintenance: list[Maintenance] = []
         from offload.api.notify import install_webhooks  # late: notify registers a task on this App
 
         install_webhooks(self)

@@ -59,6 +59,8 @@ class JobInfo(msgspec.Struct, kw_only=True):
     error: str | None = None
     worker: str | None = None
     idempotency_key: str | None = None
+    # The send's extra options (its webhook, say): for offload's own use, not shown by the HTTP API.
+    options: dict[str, Any] = {}
 
     @property
     def delayed(self) -> bool:

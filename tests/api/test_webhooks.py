@@ -16,7 +16,14 @@ from starlette.routing import Route
 
 from offload import App, ConfigurationError, RetryPolicy
 from offload.api.app import create_api
-from offload.api.notify import SIGNATURE_HEADER, WEBHOOK_QUEUE, WEBHOOK_TASK, sign, verify_signature
+from offload.api.notify import (
+    SIGNATURE_HEADER,
+    WEBHOOK_QUEUE,
+    WEBHOOK_TASK,
+    DeadLetterScan,
+    sign,
+    verify_signature,
+)
 from offload.brokers.base import Settle
 from offload.message import Message, new_job_id
 
@@ -170,6 +177,54 @@ async def test_a_4xx_answer_is_final(app: App) -> None:
         async with running_worker(app):
             (dead,) = await poll(lambda: _dead_notifications(app), what="the notification to die")
     assert calls["gone"] == 1 and "410" in (dead.error or "")
+
+
+async def test_a_job_dead_lettered_by_expired_leases_is_notified_once(app: App) -> None:
+    """No worker's hook sees a job whose every delivery crashed: the DLQ scan notifies it."""
+    receiver = Receiver(failures=0)
+    broker = await app.broker()
+
+    @app.task(name="t.crashes", timeout=0.1, max_deliveries=1)
+    def crashes() -> None:
+        raise AssertionError("never runs: its only delivery is taken by a 'crashed' worker")
+
+    async with serving(receiver.app) as url:
+        job = await crashes.options(webhook=f"{url}/hook").send_async()
+        [taken] = await broker.fetch(["default"], 1, wait=1.0)  # ...and never settled
+        assert taken.job_id == job.id
+        await poll(lambda: _recovered_dead(app), what="the lease to expire into the DLQ")
+        scan = DeadLetterScan(app)
+        async with running_worker(app):
+            await scan(broker)
+            await poll(lambda: receiver.accepted, what="the notification")
+            await scan(broker)  # a second look (or another worker's) sends nothing more
+            await poll(lambda: notifications_settled(app), what="the notification jobs to finish")
+    [notification] = receiver.accepted
+    assert notification["id"] == job.id and notification["state"] == "dead"
+    assert "without being settled" in notification["error"] or "lease" in notification["error"]
+
+
+async def test_the_dlq_scan_skips_jobs_that_died_before_its_window(app: App) -> None:
+    job = await app.tasks["t.fail"].options(webhook="https://example.com/hook").send_async("x")
+    async with running_worker(app):
+        await poll(lambda: _dead_jobs(app, "default"), what="the job to die")
+    broker = await app.broker()
+    await broker.purge(WEBHOOK_QUEUE)  # drop the hook's own notification, to see the scan's
+    later = DeadLetterScan(app, clock=lambda: time.time() + 7200)  # started two hours on
+    await later(broker)
+    (stats,) = await broker.stats([WEBHOOK_QUEUE])
+    assert stats.depth == 0, job.id
+
+
+async def _recovered_dead(app: App) -> list[Any]:
+    """The default queue's dead jobs, after a fetch (brokers recover expired leases when fetching)."""
+    broker = await app.broker()
+    assert await broker.fetch(["default"], 1, wait=0) == []
+    return await broker.dead_jobs("default")
+
+
+async def _dead_jobs(app: App, queue: str) -> list[Any]:
+    return await (await app.broker()).dead_jobs(queue)
 
 
 def test_signatures_verify() -> None:

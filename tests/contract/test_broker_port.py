@@ -428,3 +428,12 @@ async def test_get_job_of_unknown_id_is_none(broker: Broker) -> None:
     started = time.monotonic()
     assert await broker.wait_job("0" * 32, 5) is None
     assert time.monotonic() - started < 1
+
+
+async def test_job_record_keeps_the_send_options(broker: Broker) -> None:
+    """The DLQ scan finds a dead job's webhook in its record's options."""
+    job_id = await put(broker, options={"webhook": "https://example.com/hook"})
+    [delivery] = await broker.fetch(["default"], 1, wait=1.0)
+    await broker.settle([Settle(delivery, "dead", error="boom")])
+    [dead] = await broker.dead_jobs("default")
+    assert dead.id == job_id and dead.options == {"webhook": "https://example.com/hook"}

@@ -5,6 +5,9 @@ A job gets a webhook from its task (`@app.task(webhook="https://...")`), from a 
 `Message.options["webhook"]`). When it finishes, the worker's completion hook enqueues a job of the
 built-in task `offload.webhook` (queue `offload.webhooks`, which every worker serves besides its
 own) with the idempotency key `webhook:<job id>`, so a re-run of the job never notifies twice.
+A job that dies without a worker seeing it finish (its every delivery crashed, so the broker
+dead-lettered it when the last lease expired) is found by a scan of the dead-letter queue that
+every worker runs now and then (`DeadLetterScan`); the same key makes that one notification too.
 That job POSTs, with retries, backoff and the dead-letter queue like any task:
 
     POST <url>
@@ -24,22 +27,26 @@ in seconds); any other answer is final. A receiver checks each request with
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from offload.brokers.base import Settle
+from offload.brokers.base import Broker, Settle
 from offload.errors import ConfigurationError, NonRetryable, Retry
 from offload.message import Message
 from offload.task import check_webhook_url
 
 if TYPE_CHECKING:
     from offload.app import App
+
+from offload.maintenance import Maintenance
 
 log = logging.getLogger("offload.webhooks")
 
@@ -50,6 +57,11 @@ SECRET_ENV = "OFFLOAD_WEBHOOK_SECRET"
 DELIVERY_TIMEOUT = 10.0  # seconds for one POST, connect to last byte
 MAX_RETRY_AFTER = 3600.0
 RETRIED_STATUSES = frozenset({408, 425, 429})
+NOTIFY_RETRY_PAUSES = (0.1, 0.5, 2.0, 5.0)  # seconds between tries to queue a notification
+DLQ_SCAN_EVERY = 10.0  # seconds between a worker's looks at the dead-letter queue
+DLQ_SCAN_LIMIT = 500  # newest dead jobs looked at each time
+LOOKBACK = 3600.0  # a worker's first look covers jobs that died this long before it started
+CLOCK_SKEW = 60.0  # each look overlaps the previous by this much
 
 _encoder = msgspec.json.Encoder()
 
@@ -99,7 +111,7 @@ def _digest(secret: str | bytes, timestamp: int, body: bytes) -> str:
 
 
 def install_webhooks(app: App) -> None:
-    """Register the notification task, its queue and the completion hook on `app` (once)."""
+    """Register the notification task, its queue, the completion hook and the DLQ scan on `app`."""
     if WEBHOOK_TASK in app.tasks:
         return
 
@@ -119,46 +131,107 @@ def install_webhooks(app: App) -> None:
     app.system_queues.append(WEBHOOK_QUEUE)
 
     async def on_completion(message: Message, outcome: Settle) -> None:
-        await _enqueue_notification(app, message, outcome)
+        url = webhook_for(app, message.task, message.options)
+        if url is None:
+            return
+        succeeded = outcome.kind == "ack"
+        await queue_notification(
+            app,
+            url,
+            {
+                "id": message.id,
+                "task": message.task,
+                "state": "succeeded" if succeeded else "dead",
+                # The encoded result goes in as it is (no decode and re-encode).
+                "result": msgspec.Raw(outcome.result) if succeeded and outcome.result is not None else None,
+                "error": None if succeeded else outcome.error,
+                "finished_at": time.time(),
+            },
+        )
 
     app.completion_hooks.append(on_completion)
+    app.maintenance.append(
+        Maintenance("webhooks for the dead-letter queue", DLQ_SCAN_EVERY, DeadLetterScan(app))
+    )
 
 
-def webhook_for(app: App, message: Message) -> str | None:
-    """The URL to notify when `message`'s job finishes: the send's, else the task's, else none."""
-    if message.task == WEBHOOK_TASK:
+def webhook_for(app: App, task_name: str, options: dict[str, Any] | None) -> str | None:
+    """The URL to notify when a job finishes: its send's, else its task's, else none."""
+    if task_name == WEBHOOK_TASK:
         return None
-    url = message.options.get("webhook") if message.options else None
+    url = options.get("webhook") if options else None
     if url is None:
-        task = app.tasks.get(message.task)
+        task = app.tasks.get(task_name)
         url = task.config.webhook if task is not None else None
     return url if isinstance(url, str) else None
 
 
-async def _enqueue_notification(app: App, message: Message, outcome: Settle) -> None:
-    url = webhook_for(app, message)
-    if url is None:
-        return
+async def queue_notification(app: App, url: str, notification: dict[str, Any]) -> bool:
+    """Enqueue the job that POSTs `notification`, at most once per finished job.
+
+    The idempotency key `webhook:<job id>` makes a second call for the same job (a re-run, or
+    the DLQ scan finding a job the hook already notified) return the first notification job.
+    A broker that fails is asked again a few times before giving up (logged): the job has
+    finished either way, and the DLQ scan is a second chance for jobs that died.
+    """
     try:
         check_webhook_url(url)
     except ConfigurationError as exc:
-        log.warning("job %s: not notified: %s", message.id, exc)
-        return
-    succeeded = outcome.kind == "ack"
-    notification = {
-        "id": message.id,
-        "task": message.task,
-        "state": "succeeded" if succeeded else "dead",
-        # The encoded result goes into the notification as it is (no decode and re-encode).
-        "result": msgspec.Raw(outcome.result) if succeeded and outcome.result is not None else None,
-        "error": None if succeeded else outcome.error,
-        "finished_at": time.time(),
-    }
-    task = app.tasks[WEBHOOK_TASK]
-    try:
-        await task.options(idempotency_key=f"webhook:{message.id}").send_async(url, notification)
-    except Exception:
-        log.exception("job %s: its webhook notification to %s could not be queued", message.id, url)
+        log.warning("job %s: not notified: %s", notification["id"], exc)
+        return False
+    call = app.tasks[WEBHOOK_TASK].options(idempotency_key=f"webhook:{notification['id']}")
+    for pause in (*NOTIFY_RETRY_PAUSES, None):
+        try:
+            await call.send_async(url, notification)
+            return True
+        except Exception:
+            if pause is None:
+                log.exception(
+                    "job %s: its webhook notification to %s could not be queued", notification["id"], url
+                )
+                return False
+            log.warning(
+                "job %s: queueing its webhook notification failed; retrying in %.1fs",
+                notification["id"],
+                pause,
+            )
+            await asyncio.sleep(pause)
+    return False  # not reached
+
+
+class DeadLetterScan:
+    """Notifies jobs that died without a worker's completion hook seeing them.
+
+    A job whose worker crashes on every delivery is dead-lettered by the broker when its last
+    lease expires, so no hook runs for it. Every worker looks at the newest dead jobs now and
+    then and queues a notification for each that finished since its last look (and, on its
+    first, within LOOKBACK); the idempotency key makes the hook's notification and the scans
+    of several workers one notification.
+    """
+
+    def __init__(self, app: App, clock: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self.clock = clock
+        self.since = clock() - LOOKBACK
+
+    async def __call__(self, broker: Broker) -> None:
+        started = self.clock()
+        for info in await broker.dead_jobs(limit=DLQ_SCAN_LIMIT):
+            if info.finished_at is None or info.finished_at < self.since:
+                continue
+            url = webhook_for(self.app, info.task, info.options)
+            if url is None:
+                continue
+            notification = {
+                "id": info.id,
+                "task": info.task,
+                "state": "dead",
+                "result": None,
+                "error": info.error,
+                "finished_at": info.finished_at,
+            }
+            await queue_notification(self.app, url, notification)
+        self.since = started - CLOCK_SKEW  # workers' clocks differ a little; the key dedupes
 
 
 async def _post(app: App, url: str, notification: dict[str, Any]) -> int:

@@ -192,13 +192,13 @@ def job_info_from_row(row: Sequence[Any]) -> JobInfo:
      max_deliveries, started_at, finished_at, worker, key, body, result, error) = row  # fmt: skip
     try:
         message = decode(body)
-        args, kwargs = message.args, message.kwargs
+        args, kwargs, options = message.args, message.kwargs, message.options
     except Exception:  # noqa: BLE001 - a malformed body still has a record worth showing
-        args, kwargs = (), {}
+        args, kwargs, options = (), {}, {}
     return JobInfo(
         id=job_id, task=task, queue=queue, state=JobState(state), priority=priority,
         args=args, kwargs=kwargs, deliveries=deliveries, attempts=attempts,
         max_deliveries=max_deliveries, created_at=created_at, run_at=run_at,
         started_at=started_at, finished_at=finished_at, result=decode_value(result),
-        error=error, worker=worker, idempotency_key=key,
+        error=error, worker=worker, idempotency_key=key, options=options,
     )  # fmt: skip

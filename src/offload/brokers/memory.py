@@ -378,6 +378,7 @@ class MemoryBroker(Broker):
             result=decode_value(job.result),
             error=job.error,
             idempotency_key=m.idempotency_key,
+            options=m.options,
         )
 
     async def get_job(self, job_id: str) -> JobInfo | None:

@@ -359,9 +359,9 @@ class NatsKv:
     def _info(self, job_id: str, rec: k.Record) -> JobInfo:
         try:
             message = decode(rec.body)
-            args, kwargs = message.args, message.kwargs
+            args, kwargs, options = message.args, message.kwargs, message.options
         except Exception:  # noqa: BLE001 - a malformed body still has a record
-            args, kwargs = (), {}
+            args, kwargs, options = (), {}, {}
         return JobInfo(
             id=job_id,
             task=rec.task,
@@ -380,6 +380,7 @@ class NatsKv:
             result=decode_value(rec.result),
             error=rec.error,
             idempotency_key=rec.ikey,
+            options=options,
         )
 
     async def _drain_rate(self, queue: str, now: float) -> float:

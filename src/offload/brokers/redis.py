@@ -469,9 +469,9 @@ def _job_info(job_id: str, values: list[bytes | None]) -> JobInfo | None:
         return None
     try:
         message = decode(body or b"")
-        args, kwargs = message.args, message.kwargs
+        args, kwargs, options = message.args, message.kwargs, message.options
     except (msgspec.DecodeError, msgspec.ValidationError):  # a malformed body still has a record
-        args, kwargs = (), {}
+        args, kwargs, options = (), {}, {}
     return JobInfo(
         id=job_id,
         task=task.decode(),
@@ -491,4 +491,5 @@ def _job_info(job_id: str, values: list[bytes | None]) -> JobInfo | None:
         error=None if error is None else error.decode(),
         worker=None if worker is None else worker.decode(),
         idempotency_key=None if key is None else key.decode(),
+        options=options,
     )

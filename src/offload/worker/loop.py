@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import msgspec
 from offload.app import App
 from offload.brokers.base import Broker, Delivery, Settle
 from offload.errors import EncodeError, Retry
+from offload.maintenance import Maintenance, run_periodically
 from offload.message import Message, decode
 from offload.worker.executors import Executors, ProcessTaskError
 from offload.worker.leases import LeaseKeeper
@@ -33,6 +33,12 @@ from offload.worker.settler import Settler
 log = logging.getLogger("offload.worker")
 
 PRUNE_EVERY = 60.0
+
+
+async def _prune(broker: Broker) -> None:
+    pruned = await broker.prune()
+    if pruned:
+        log.info("pruned %d finished job(s) past their result TTL", pruned)
 
 
 class Worker:
@@ -95,7 +101,10 @@ class Worker:
         self._leases = LeaseKeeper(broker, self._lease_lost)
         helpers = [
             asyncio.create_task(self._leases.run(), name="offload-leases"),
-            asyncio.create_task(self._prune_periodically(broker), name="offload-prune"),
+            *(
+                asyncio.create_task(run_periodically(chore, broker), name=f"offload-{chore.name}")
+                for chore in (Maintenance("pruning", PRUNE_EVERY, _prune), *self.app.maintenance)
+            ),
         ]
         log.info(
             "worker started: queues=%s concurrency=%d broker=%s",
@@ -183,17 +192,6 @@ class Worker:
             if pending:
                 log.warning("grace period over: handing back %d unfinished job(s)", len(pending))
                 await asyncio.wait(pending, timeout=5.0)
-
-    async def _prune_periodically(self, broker: Broker) -> None:
-        await asyncio.sleep(random.uniform(0, PRUNE_EVERY / 2))  # workers need not prune at once
-        while True:
-            try:
-                pruned = await broker.prune()
-                if pruned:
-                    log.info("pruned %d finished job(s) past their result TTL", pruned)
-            except Exception:
-                log.exception("pruning failed")
-            await asyncio.sleep(PRUNE_EVERY)
 
     # -- one job ---------------------------------------------------------------------------
 
