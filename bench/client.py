@@ -43,7 +43,7 @@ def main() -> None:
         requests_before = probes.requests([os.getpid()])
     out: dict[str, Any] = {"count": args.count}
     try:
-        begin = time.perf_counter()
+        begin, cpu_begin = time.perf_counter(), time.process_time()
         if args.action == "enqueue-bulk":
             producer.send_bulk(args.kind, args.count)
         elif args.action == "enqueue-one":
@@ -52,6 +52,7 @@ def main() -> None:
         else:
             out["late_max_s"] = _paced(producer, args.kind, args.count, args.rate, begin)
         out["seconds"] = time.perf_counter() - begin
+        out["cpu_s"] = time.process_time() - cpu_begin
         if probes is not None:  # before closing: a closed connection's count is gone
             out["requests"] = ops_delta(requests_before, probes.requests([os.getpid()]))
     finally:

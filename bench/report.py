@@ -137,6 +137,8 @@ TIME_ROWS: list[tuple[str, str, str]] = [
     ("server operations per job, enqueue bulk", "enqueue-bulk", "ops_per_job"),
     ("server operations per job, 1-process drain (fetch + settle)", "drain-1p", "ops_per_job"),
     ("server operations per job, 2-process drain", "drain-2p", "ops_per_job"),
+    ("producer CPU per job, enqueue one by one (µs)", "enqueue-one", "client_cpu_us_per_job"),
+    ("producer CPU per job, enqueue bulk (µs)", "enqueue-bulk", "client_cpu_us_per_job"),
     ("worker CPU per no-op job, 1-process drain (µs)", "drain-1p", "worker_cpu_us_per_job"),
     ("server CPU per no-op job, 1-process drain (µs)", "drain-1p", "server_cpu_us_per_job"),
     ("worker CPU per no-op job, 2-process drain (µs)", "drain-2p", "worker_cpu_us_per_job"),

@@ -104,7 +104,10 @@ def _start_workers(ctx: Context, system: System, processes: int) -> tuple[Worker
 
 def _enqueue(ctx: Context, system: System, action: str, n: int) -> dict[str, Any]:
     out = client(ctx, system, action, n, probe=1)
-    metrics: dict[str, Any] = {"jobs_per_s": n / out["seconds"]}
+    metrics: dict[str, Any] = {
+        "jobs_per_s": n / out["seconds"],
+        "client_cpu_us_per_job": out["cpu_s"] / n * 1e6,
+    }
     if system.servers:
         metrics["requests_per_job"] = sum(out["requests"].values()) / n
         metrics["detail"] = {"requests": out["requests"], "ops_jobs": n}
@@ -125,6 +128,7 @@ def enqueue_bulk(ctx: Context, system: System) -> dict[str, Any]:
 
 
 def _drain(ctx: Context, system: System, processes: int, kind: str, n: int) -> dict[str, Any]:
+    n = min(n, system.drain_cap or n)
     client(ctx, system, "enqueue-bulk", n, kind=kind)
     probes = Probes(system.servers, ctx.env(system))
     try:
@@ -175,6 +179,7 @@ def _drain_probed(ctx: Context, system: System, processes: int, n: int, probes: 
         "rss_max_mb": max(peaks, default=0) / 2**20,
         "rss_total_mb": sum(peaks) / 2**20,
         "processes_seen": len(workers.peak_rss),
+        "jobs": n,
         "cpu_us_per_job": (worker_cpu + server_cpu) / counted * 1e6,
         "worker_cpu_us_per_job": worker_cpu / counted * 1e6,
     }

@@ -91,6 +91,9 @@ class System(abc.ABC):
     requires: tuple[str, ...] = ()
     # One line for the report: settings and anything that makes the comparison less than equal.
     notes: str = ""
+    # At most this many jobs per drain, for systems slow enough that the full count would take
+    # minutes (a rate from fewer jobs; the report's notes say so).
+    drain_cap: int | None = None
 
     def env(self, settings: Settings) -> dict[str, str]:
         """Variables that select this system's configuration in its app module."""

@@ -85,8 +85,10 @@ class OffloadSystem(System):
         elif broker == NATS:
             self.servers = (NATS,)
             self.requires = ("nats",)
+            self.drain_cap = 5_000
             self.notes = (
-                f"NATS JetStream KV broker (experimental), replicas=1; {send}; worker: {WORKER}, {tasks}"
+                "drains of at most 5,000 jobs; NATS JetStream KV broker (experimental), replicas=1; "
+                f"{send}; worker: {WORKER}, {tasks}"
             )
         else:
             raise ValueError(broker)

@@ -40,11 +40,13 @@ class ProcrastinateSystem(System):
     group = POSTGRES
     servers = (POSTGRES,)
     requires = ("procrastinate", "psycopg")
+    drain_cap = 5_000
     notes = (
-        "procrastinate defaults (psycopg 3 pool, LISTEN/NOTIFY, finished jobs kept in the table: "
-        "--delete-jobs never); the sync task runs in a thread (asyncio's default executor); "
-        "enqueue-bulk uses Task.batch_defer_async, 5,000 jobs per call (like send_many); worker: N "
-        "`procrastinate worker --concurrency C` processes"
+        "drains of at most 5,000 jobs; procrastinate defaults (psycopg 3 pool, LISTEN/NOTIFY, "
+        "finished jobs kept in the table: --delete-jobs never); the sync task runs in a thread "
+        "(sync_to_async, asyncio's default executor); enqueue-bulk uses Task.batch_defer_async, "
+        "5,000 jobs per call (like send_many); worker: N `procrastinate worker --concurrency C` "
+        "processes"
     )
 
     def reset(self, settings: Settings, env: dict[str, str]) -> None:
