@@ -144,12 +144,27 @@ def _imported_offload(settings: Settings) -> str:
     return where
 
 
-def _reset_servers(settings: Settings, system: System) -> None:
-    """Empty what the bench owns on the system's servers (the runner flushes the Redis DB)."""
+def _reset_servers(settings: Settings, system: System, redis_client: redis.Redis) -> None:
+    """Empty what the bench owns on the system's servers: its Redis DB, its PostgreSQL database,
+    the RabbitMQ queues the system declares (named by the adapter, and for offload also those
+    its state store lists: delay buckets)."""
+    queues = list(system.amqp_queues)
+    if "rabbitmq" in system.servers:
+        queues += _amqp_names_in(redis_client)
+    redis_client.flushdb()
     if "postgres" in system.servers:
         servers.reset_postgres(settings.postgres_url)
     if "rabbitmq" in system.servers:
-        servers.reset_amqp(settings.amqp_url, system.amqp_queues)
+        servers.reset_amqp(settings.amqp_url, tuple(dict.fromkeys(queues)))
+
+
+def _amqp_names_in(redis_client: redis.Redis) -> list[str]:
+    """AMQP queue names offload's RabbitMQ broker recorded in its state store (a SET `...amqp`)."""
+    names: list[str] = []
+    for key in redis_client.scan_iter(match="*amqp", count=1000):
+        if redis_client.type(key) == b"set":
+            names += sorted(m.decode() for m in redis_client.smembers(key))
+    return names
 
 
 def _available(settings: Settings, systems: list[System]) -> tuple[list[System], dict[str, str]]:
@@ -162,7 +177,7 @@ def _available(settings: Settings, systems: list[System]) -> tuple[list[System],
             try:
                 check(urls[kind])
             except Exception as exc:
-                down[kind] = f"{kind} server not reachable: {type(exc).__name__}: {exc}"
+                down[kind] = f"{kind} server not reachable: {exc!r}"
     ok: list[System] = []
     skipped: dict[str, str] = {}
     for system in systems:
@@ -178,13 +193,14 @@ def _available(settings: Settings, systems: list[System]) -> tuple[list[System],
     return ok, skipped
 
 
-def _clean_up(settings: Settings, systems: list[System]) -> None:
-    """Leave no queues behind on the shared RabbitMQ server (the bench's Redis DB and PostgreSQL
-    database stay, for inspection; the next run empties them)."""
+def _clean_up(settings: Settings, systems: list[System], redis_client: redis.Redis) -> None:
+    """Leave no queues or exchanges of ours on the shared RabbitMQ server (the bench's Redis DB
+    and PostgreSQL database stay, for inspection; the next run empties them)."""
     for system in systems:
         if "rabbitmq" in system.servers:
             try:
-                servers.reset_amqp(settings.amqp_url, system.amqp_queues)
+                queues = (*system.amqp_queues, *_amqp_names_in(redis_client))
+                servers.reset_amqp(settings.amqp_url, tuple(dict.fromkeys(queues)), system.amqp_exchanges)
             except Exception as exc:
                 _log(f"could not delete {system.name}'s RabbitMQ queues: {exc}")
 
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "offload's source changed during the run"
             + ("; the snapshot taken at the start was measured" if settings.offload_snapshot else "")
         )
-    _clean_up(settings, systems)
+    _clean_up(settings, systems, redis_client)
     summary = report.medians(runs)
     names = [s.name for s in systems]
     groups = {
@@ -294,8 +310,7 @@ def _measure(
     begin = time.monotonic()
     record: dict[str, Any] = {"system": system.name, "scenario": scenario, "repeat": repeat}
     try:
-        redis_client.flushdb()
-        _reset_servers(settings, system)
+        _reset_servers(settings, system, redis_client)
         system.reset(settings, ctx.env(system))
         record["metrics"] = SCENARIOS[scenario](ctx, system)
         detail = record["metrics"].pop("detail", None)

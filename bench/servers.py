@@ -74,9 +74,9 @@ def check_postgres(postgres_url: str) -> None:
         conn.execute("SELECT 1")
 
 
-def reset_amqp(amqp_url: str, queues: tuple[str, ...]) -> None:
-    """Delete the named queues (a missing one is fine)."""
-    if not queues:
+def reset_amqp(amqp_url: str, queues: tuple[str, ...], exchanges: tuple[str, ...] = ()) -> None:
+    """Delete the named queues and exchanges (a missing one is fine)."""
+    if not queues and not exchanges:
         return
     import pika
 
@@ -85,6 +85,8 @@ def reset_amqp(amqp_url: str, queues: tuple[str, ...]) -> None:
         channel = connection.channel()
         for name in queues:
             channel.queue_delete(queue=name)
+        for name in exchanges:
+            channel.exchange_delete(exchange=name)
     finally:
         connection.close()
 

@@ -85,8 +85,10 @@ class System(abc.ABC):
     # Servers whose state is reset before each measurement and whose CPU (and, where the server
     # can count them, operations) are measured: "redis", "postgres", "rabbitmq", "nats".
     servers: tuple[str, ...] = ()
-    # RabbitMQ queues this system creates, deleted before every measurement.
+    # RabbitMQ queues this system creates, deleted before every measurement, and exchanges only
+    # it uses, deleted at the end of the run.
     amqp_queues: tuple[str, ...] = ()
+    amqp_exchanges: tuple[str, ...] = ()
     # Modules the system needs; a missing one skips the system with a message.
     requires: tuple[str, ...] = ()
     # One line for the report: settings and anything that makes the comparison less than equal.

@@ -76,7 +76,8 @@ class OffloadSystem(System):
             self.amqp_queues = (
                 *(f"{PREFIX}.default.p{p}" for p in range(10)),
                 f"{PREFIX}.poison",
-            )
+            )  # and the delay buckets its state store lists (found by the runner)
+            self.amqp_exchanges = (f"{PREFIX}.work", f"{PREFIX}.delay")
             self.notes = (
                 "RabbitMQ broker (new): quorum queues with publisher confirms, job state "
                 f"in Redis (the bench's Redis DB); {send}; worker: {WORKER}, {tasks}; server CPU "
