@@ -110,7 +110,9 @@ class SqliteBroker(Broker):
             self._listener = None
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            self._batcher = None
+            if self._batcher is not None:
+                self._batcher.close()
+                self._batcher = None
             await asyncio.to_thread(writer.close)
         if self._reader is not None:
             reader, self._reader = self._reader, None
