@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from offload.brokers.sqlite import SqliteBroker
-from offload.errors import QueueFull
+from offload.errors import BrokerError, QueueFull
 from offload.message import Message, encode, new_job_id
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,3 +90,20 @@ async def test_send_cancelled_before_its_write_leaves_no_job(broker: SqliteBroke
     assert await broker.get_job(enqueued.job_id) is not None
     [stats] = [s for s in await broker.stats() if s.queue == "default"]
     assert stats.depth == 1
+
+
+async def test_close_finishes_the_write_in_flight_and_fails_sends_not_yet_handed_over(
+    tmp_path: Path,
+) -> None:
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'offload.db'}")
+    await broker.connect()
+    first = asyncio.ensure_future(broker.enqueue([item()]))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the first send is with the writer now
+    second = asyncio.ensure_future(broker.enqueue([item()]))
+    await asyncio.sleep(0)  # the second waits for the first to be answered
+    await broker.close()
+
+    assert (await first)[0].created
+    with pytest.raises(BrokerError, match="closed before this enqueue was written"):
+        await second
