@@ -133,6 +133,10 @@ TIME_ROWS: list[tuple[str, str, str]] = [
     ("round trips per job, enqueue bulk", "enqueue-bulk", "requests_per_job"),
     ("round trips per job, 1-process drain (fetch + settle)", "drain-1p", "requests_per_job"),
     ("round trips per job, 2-process drain", "drain-2p", "requests_per_job"),
+    ("offload fetch calls per job, 1-process drain", "drain-1p", "fetch_calls_per_job"),
+    ("offload settle calls per job, 1-process drain", "drain-1p", "settle_calls_per_job"),
+    ("offload fetch calls per job, 2-process drain", "drain-2p", "fetch_calls_per_job"),
+    ("offload settle calls per job, 2-process drain", "drain-2p", "settle_calls_per_job"),
     ("server operations per job, enqueue one by one", "enqueue-one", "ops_per_job"),
     ("server operations per job, enqueue bulk", "enqueue-bulk", "ops_per_job"),
     ("server operations per job, 1-process drain (fetch + settle)", "drain-1p", "ops_per_job"),
@@ -157,7 +161,9 @@ OPS_UNITS = {
 }
 ROUND_TRIPS = (
     "Round trips: requests the workers (drains, from the first job done to the last) or the "
-    "producer wrote to the broker servers, counted as TCP data segments sent (`ss -ti`)."
+    "producer wrote to the broker servers, counted as TCP data segments sent (`ss -ti`). "
+    "offload's fetch and settle calls (each one script, statement or batch; over the workers' "
+    "whole life) are counted by a wrapper the bench puts on the broker class in its workers."
 )
 TITLES = {
     "sqlite": "SQLite",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import calls
 from bench.procs import Workers, count_records, read_records, wait_for_records
 from bench.servers import Probes, ops_delta
 from bench.systems import Settings, System
@@ -94,7 +95,7 @@ def client(ctx: Context, system: System, action: str, count: int, **options: Any
 def _start_workers(ctx: Context, system: System, processes: int) -> tuple[Workers, Path]:
     records = ctx.run_dir / "records"
     records.mkdir(parents=True, exist_ok=True)
-    env = ctx.env(system, BENCH_RECORD_DIR=str(records))
+    env = ctx.env(system, BENCH_RECORD_DIR=str(records), BENCH_CALLS_DIR=str(ctx.run_dir))
     commands = system.worker_commands(ctx.settings, processes)
     return Workers(commands, env, ctx.run_dir / "logs"), records
 
@@ -168,6 +169,7 @@ def _drain_probed(ctx: Context, system: System, processes: int, n: int, probes: 
         time.sleep(probes.lag)
         ops_after, ops_until = probes.ops(), time.monotonic()
     rows = read_records(records)
+    broker_calls = calls.read(ctx.run_dir)  # offload only: written by its workers as they exit
     first_start = min(started for _, started, _ in rows)
     last_end = max(finished for _, _, finished in rows)
     peaks = workers.peak_rss.values()
@@ -187,6 +189,10 @@ def _drain_probed(ctx: Context, system: System, processes: int, n: int, probes: 
         metrics["server_cpu_us_per_job"] = server_cpu / counted * 1e6
         metrics["requests_per_job"] = sum(requests.values()) / counted
         metrics["detail"] = {"requests": requests, "requests_jobs": counted}
+    if broker_calls:
+        metrics["fetch_calls_per_job"] = broker_calls.get("fetch_calls", 0) / n
+        metrics["settle_calls_per_job"] = broker_calls.get("settle_calls", 0) / n
+        metrics.setdefault("detail", {})["calls"] = broker_calls
     if probes.counts_ops:
         ops = ops_delta(ops_before, ops_after)
         total = sum(ops.values())

@@ -14,6 +14,10 @@ if URL is None:
     DB_PATH = os.path.join(os.path.abspath(os.environ.get("BENCH_WORK_DIR", ".")), f"offload-{DURABILITY}.db")
     URL = f"sqlite:///{DB_PATH}?durability={DURABILITY}"
 
+if os.environ.get("BENCH_CALLS_DIR"):  # worker processes: count the broker calls (bench/calls.py)
+    from bench import calls
+
+    calls.install(URL, os.environ["BENCH_CALLS_DIR"])
 
 app = App(URL)
 
