@@ -55,6 +55,23 @@ def test_a_refused_queue_is_held_briefly() -> None:
     assert held.refusal("q") is None
 
 
+def test_when_a_hold_ends_one_submit_asks_the_broker_while_the_others_are_still_refused() -> None:
+    now = [0.0]
+    held = FullQueues(clock=lambda: now[0])
+    full = QueueFull("q", 100, 100, 0.0)
+    held.remember(full)
+    now[0] = MAX_HOLD + 0.001
+    assert held.refusal("q") is None  # the probe: it goes to the broker
+    assert held.refusal("q") is full and held.refusal("q") is full  # the rest, meanwhile
+    again = QueueFull("q", 100, 100, 0.0)
+    held.remember(again)  # the broker said full again: a new hold
+    assert held.refusal("q") is again
+    now[0] += MAX_HOLD + 0.001
+    assert held.refusal("q") is None  # the next probe...
+    held.forget("q")  # ...found room (or failed): nobody is refused from the hold any more
+    assert held.refusal("q") is None and held.refusal("q") is None
+
+
 async def test_refusals_in_the_hold_skip_the_broker(
     client: httpx.AsyncClient, app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -317,8 +317,14 @@ class _Api:
         except QueueFull as exc:
             self.full_queues.remember(exc)
             raise
-        except EncodeError as exc:
-            raise Problem(413, "payload-too-large", str(exc), max_body_bytes=self.max_body_bytes) from None
+        except BaseException as exc:
+            self.full_queues.forget(message.queue)  # a probe that failed: the next submit asks
+            if isinstance(exc, EncodeError):
+                raise Problem(
+                    413, "payload-too-large", str(exc), max_body_bytes=self.max_body_bytes
+                ) from None
+            raise
+        self.full_queues.forget(message.queue)  # it had room: stop refusing from the hold
         state = "queued"
         if not job.created:  # an idempotency key matched: say where that job is now
             info = await (await self.app.broker()).get_job(job.id)

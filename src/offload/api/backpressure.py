@@ -31,20 +31,31 @@ MAX_HOLD = 0.1  # seconds a known-full queue is refused without asking the broke
 
 
 class FullQueues:
-    """The queues the broker recently refused, each until its hold ends."""
+    """The queues the broker recently refused, each until its hold ends.
+
+    When a hold ends, one submit (the probe) asks the broker again; the submits that arrive
+    while it waits still get the held refusal. Otherwise every submit arriving during that
+    round trip would go to the broker too, which is slowest exactly when the queue is full and
+    its workers are busy writing, and their 503s would take as long as an enqueue.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._held: dict[str, tuple[float, QueueFull]] = {}
+        self._probing: set[str] = set()
 
     def refusal(self, queue: str) -> QueueFull | None:
-        """The broker's last QueueFull for `queue` if still held, else None (ask the broker)."""
+        """The broker's last QueueFull for `queue` if still held, else None (ask the broker).
+
+        A None for a queue whose hold has ended makes the caller its probe: it must call
+        `remember` or `forget` once the broker has answered (or `forget` if it gave up).
+        """
         held = self._held.get(queue)
         if held is None:
             return None
-        if self._clock() < held[0]:
+        if self._clock() < held[0] or queue in self._probing:
             return held[1]
-        del self._held[queue]
+        self._probing.add(queue)
         return None
 
     def remember(self, exc: QueueFull) -> None:
@@ -52,9 +63,11 @@ class FullQueues:
         if exc.drain_rate > 0:
             hold = min(MAX_HOLD, 0.25 * exc.max_depth / exc.drain_rate)
         self._held[exc.queue] = (self._clock() + hold, exc)
+        self._probing.discard(exc.queue)
 
     def forget(self, queue: str) -> None:
         self._held.pop(queue, None)
+        self._probing.discard(queue)
 
 
 def retry_after_seconds(depth: int, max_depth: int, drain_rate: float) -> int:
