@@ -11,14 +11,17 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -26,7 +29,7 @@ APPS = Path(__file__).resolve().parent / "apps"
 if str(APPS) not in sys.path:
     sys.path.insert(0, str(APPS))
 
-from offload import App  # noqa: E402
+from offload import App, BrokerError  # noqa: E402
 
 APP = "acceptance_app:app"
 _SCRIPT = Path(sys.executable).parent / "offload"
@@ -75,13 +78,17 @@ class Harness:
 
     # -- processes ---------------------------------------------------------------------------
 
-    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        """Start `offload ARGS...` in the background; its output goes to files under logs/."""
+    def spawn(self, *args: str, url: str | None = None) -> subprocess.Popen[bytes]:
+        """Start `offload ARGS...` in the background; its output goes to files under logs/.
+
+        `url`: another broker URL for this process only (e.g. the same server through a proxy).
+        """
         self._count += 1
         out = open(self.logs_dir / f"{self._count}-{args[0]}.out", "wb")  # noqa: SIM115
         err = open(self.logs_dir / f"{self._count}-{args[0]}.err", "wb")  # noqa: SIM115
         self._files += [out, err]
-        process = subprocess.Popen([*OFFLOAD, *args], env=self.env, stdout=out, stderr=err, cwd=self.tmp_path)
+        env = self.env if url is None else {**self.env, "OFFLOAD_BROKER_URL": url}
+        process = subprocess.Popen([*OFFLOAD, *args], env=env, stdout=out, stderr=err, cwd=self.tmp_path)
         self._stderr[process.pid] = Path(err.name)
         self._processes.append(process)
         return process
@@ -251,3 +258,268 @@ def sigkill_a_worker_mid_run(harness: Harness, n: int, broker: str) -> None:
     assert [i.state.value for i in infos] == ["succeeded"] * n
     for key, info in enumerate(infos):
         assert starts[key] <= info.deliveries, f"job {key} ran more often than it was delivered"
+
+
+# -- shared pieces of the broker fault tests ------------------------------------------------------
+
+FAULT_APP = "redis_fault_app:app"  # the acceptance app plus `stale` (about 1 s, returns its pid)
+
+
+def free_port(start: int, stop: int) -> int:
+    """A loopback port in [start, stop) that nothing listens on now."""
+    for port in range(start, stop):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}-{stop - 1} for a test server")
+
+
+class TcpProxy:
+    """A TCP relay in the test process, from a spare loopback port to a server's port.
+
+    `stall()` cuts every link through it, both ways, as a network partition does: the bytes sent
+    meanwhile are held (in the kernel's buffers and the relay's), nothing is closed, and new
+    connections get no further than the relay. `resume()` heals it: TCP delivers the held bytes
+    late, as it does when a partition ends before the connection times out. Threads, so it keeps
+    relaying while the test sleeps or waits on subprocesses.
+    """
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self.links = 0  # connections accepted so far
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name=f"proxy-{self.port}", daemon=True).start()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sockets, self._sockets = [self._server, *self._sockets], []
+        self._flowing.set()
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept or recv
+            s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()  # the server is down: so is the link
+                continue
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
+                self.links += 1
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                self._flowing.wait()
+                data = src.recv(65536)
+                if not data:
+                    break
+                self._flowing.wait()  # received just as the stall began: held until it ends
+                if self._closed:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):  # one side ended the connection: end it on the other side too
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def through(url: str, proxy: TcpProxy) -> str:
+    """`url` with its host and port replaced by the proxy's (user, path and query kept)."""
+    parts = urlsplit(url)
+    user = parts.netloc.rpartition("@")[0]
+    return parts._replace(
+        netloc=f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
+    ).geturl()
+
+
+def send_until_accepted(
+    sender: App, messages: list[Any], broker: str, within: float = 60.0
+) -> tuple[list[str], int]:
+    """Send one batch, re-sending the same messages (same ids) while the broker refuses it."""
+    failures = 0
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            jobs = sender.send_many(messages)
+        except BrokerError:
+            failures += 1
+            assert time.monotonic() < deadline, f"{broker} did not come back within {within:.0f}s"
+            time.sleep(0.2)
+            continue
+        return [job.id for job in jobs], failures
+
+
+def restart_during_a_burst(
+    harness: Harness,
+    crash: Callable[[], None],
+    start: Callable[[], None],
+    broker: str,
+    n: int = 4000,
+    batch: int = 100,
+) -> None:
+    """The shared server-restart scenario: a worker processes while a producer sends `n` jobs in
+    batches; at 2/5 of them the server is `crash`ed and `start`ed again 1.5 s later.
+
+    Then: every enqueue acknowledged before the crash is still there, the producer re-sent its
+    refused batch by itself (same job ids), the worker rode out the outage without a restart and
+    completed every job (its log shows it met the outage), and no job was lost.
+    """
+    import acceptance_app
+
+    worker = harness.spawn("worker", APP, "--concurrency", "16")
+    sender = App(harness.url)
+    ids: list[str] = []
+    failed_sends = 0
+    longest_send = 0.0
+    restarter: threading.Thread | None = None
+    acknowledged_before_crash: list[str] = []
+    try:
+        for first in range(0, n, batch):
+            if first == 2 * n // 5:
+                wait_until(lambda: harness.count("end", "quick") >= 200, 60, "200 jobs to complete")
+                acknowledged_before_crash = list(ids)
+                crash()
+                # Back after 1.5 s, while the producer keeps sending and the worker keeps fetching.
+                restarter = threading.Thread(target=lambda: (time.sleep(1.5), start()))
+                restarter.start()
+            messages = [acceptance_app.quick.message(k) for k in range(first, first + batch)]
+            began = time.monotonic()
+            sent, failures = send_until_accepted(sender, messages, broker)
+            longest_send = max(longest_send, time.monotonic() - began)
+            assert sent == [m.id for m in messages]
+            ids += sent
+            failed_sends += failures
+    finally:
+        if restarter is not None:
+            restarter.join()
+        sender.close()
+    assert longest_send >= 1.0 or failed_sends > 0, "no enqueue met the outage: the test proved nothing"
+    infos = harness.jobs(acknowledged_before_crash)
+    assert all(info is not None for info in infos), "an enqueue acknowledged before the crash is gone"
+
+    wait_until(lambda: len(harness.tally("end", "quick")) == n, 150, "every job to complete")
+    wait_until(
+        lambda: all(i is not None and i.state.value == "succeeded" for i in harness.jobs(ids)),
+        60,
+        "every job to be acked",
+    )
+    assert worker.poll() is None, f"the worker exited: {harness.stderr_of(worker)[-3000:]}"
+    worker.send_signal(signal.SIGTERM)
+    assert harness.wait_exit(worker, 30) == 0
+    log = harness.stderr_of(worker)
+    assert "fetching failed; retrying in 1s" in log, "the worker never saw the outage"
+
+    starts = harness.tally("start", "quick")
+    ends = harness.tally("end", "quick")
+    lost = [k for k in range(n) if ends[k] == 0]
+    duplicated = sorted(k for k, c in starts.items() if c > 1)
+    print(
+        f"\n{broker} server killed and restarted after {len(acknowledged_before_crash)} of {n} enqueues; "
+        f"longest send {longest_send:.1f}s, {failed_sends} send attempt(s) refused: lost={len(lost)} "
+        f"duplicated={len(duplicated)} (leased or unacked when the server died, run again)"
+    )
+    assert lost == []
+    assert set(starts) == set(range(n))
+    stats = harness.stats()
+    assert (stats["ready"], stats["delayed"], stats["running"], stats["dead"]) == (0, 0, 0, 0), stats
+
+
+def late_ack_of_a_cut_off_worker(
+    harness: Harness, proxies: list[TcpProxy], stale_url: str, broker: str, lease: float
+) -> None:
+    """The shared cut-connection scenario: a worker that reaches the broker only through `proxies`
+    takes a job (`stale`, about 1 s; the caller made its lease `lease` seconds), and the proxies
+    stall every link of that worker at once, before it can ack or renew the lease.
+
+    Then: a second worker, connected directly, takes the job once the lease has expired, runs it
+    and acks it, all while the first one is still cut off; when the links heal, the first
+    worker's late ack (and lease renewal) reaches the broker and is refused; and it did not stop
+    consuming: with the second worker gone, a new job runs on it.
+    """
+    import redis_fault_app
+
+    [job_id] = harness.send(redis_fault_app.stale, [1])
+    stale_worker = harness.spawn("worker", FAULT_APP, "--concurrency", "1", url=stale_url)
+    wait_until(lambda: harness.count("start", "stale") == 1, 60, "the job to start")
+    for proxy in proxies:
+        proxy.stall()
+    cut_at = time.monotonic()
+    try:
+        [first] = harness.records(strict=False)
+        assert first.pid == stale_worker.pid
+        fresh = harness.spawn("worker", FAULT_APP, "--concurrency", "1", "--burst")
+
+        def ran_elsewhere() -> bool:
+            [info] = harness.jobs([job_id])
+            return info is not None and info.state.value == "succeeded"
+
+        wait_until(ran_elsewhere, 90, "the job to run on the other worker while the first is cut off")
+        cut_for = time.monotonic() - cut_at
+    finally:
+        for proxy in proxies:
+            proxy.resume()
+    assert cut_for > lease, f"the links were cut for {cut_for:.1f}s only, not past the {lease}s lease"
+    assert all(proxy.links for proxy in proxies), "the cut-off worker did not connect through every relay"
+    assert harness.wait_exit(fresh, 60) == 0
+    assert harness.tally("start", "stale", pid=fresh.pid)[1] == 1
+
+    # Healed: the cut-off worker finishes its run and its ack arrives late: refused (fencing).
+    wait_until(lambda: harness.tally("end", "stale", pid=stale_worker.pid)[1] == 1, 30, "the stale run")
+    wait_until(
+        lambda: f"job {job_id}: ack refused, its lease had expired" in harness.stderr_of(stale_worker),
+        60,
+        "the cut-off worker's late ack to be refused",
+    )
+    # Still consuming: with the other worker gone, a new job must run on the one that was cut off.
+    [second_id] = harness.send(redis_fault_app.stale, [2])
+    wait_until(lambda: harness.tally("end", "stale", pid=stale_worker.pid)[2] == 1, 60, "a job after the cut")
+    wait_until(
+        lambda: harness.jobs([second_id])[0].state.value == "succeeded",
+        30,
+        "the job after the cut to be acked",
+    )
+    stale_worker.send_signal(signal.SIGTERM)
+    assert harness.wait_exit(stale_worker, 30) == 0
+
+    starts = harness.tally("start", "stale")
+    info = harness.inspect(job_id)
+    print(
+        f"\n{broker}: worker {stale_worker.pid} cut off for {cut_for:.1f}s (lease {lease}s); worker "
+        f"{fresh.pid} ran the job again: runs={starts[1]}, stored result from pid {info['result']}, "
+        "late ack refused, the cut-off worker ran the next job"
+    )
+    assert (starts[1], starts[2]) == (2, 1)
+    assert (info["state"], info["result"], info["deliveries"]) == ("succeeded", fresh.pid, 2), info
+    assert harness.inspect(second_id)["result"] == stale_worker.pid

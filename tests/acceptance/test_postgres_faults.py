@@ -6,6 +6,9 @@
     the producer and the worker reconnect by themselves, and every job completes.
 (b) A worker process is SIGKILLed mid-run with 3,000 jobs (on the shared test server, in a schema
     of its own): no job is lost.
+(c) A worker's connections are cut (a relay in the test process stalls them both ways, as a network
+    partition does) for longer than its lease: another worker runs the job meanwhile, and the
+    cut-off worker's late ack is refused when the links heal; it then goes on consuming.
 Skipped where PostgreSQL is not installed or not reachable, unless CI=true, where they fail.
 """
 
@@ -27,12 +30,22 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import acceptance_app
 import pytest
-from acceptance_harness import APP, Harness, sigkill_a_worker_mid_run, wait_until
+from acceptance_harness import (
+    APP,
+    Harness,
+    TcpProxy,
+    late_ack_of_a_cut_off_worker,
+    sigkill_a_worker_mid_run,
+    through,
+    wait_until,
+)
 
 from offload import App, BrokerError
+from offload.brokers import base
 
 SHARED = os.environ.get("OFFLOAD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -248,3 +261,26 @@ def test_sigkill_of_a_worker_mid_run_loses_no_job(tmp_path: Path, shared_url: st
         sigkill_a_worker_mid_run(harness, 3000, "PostgreSQL")
     finally:
         harness.close()
+
+
+@pytest.mark.timeout(120)
+def test_late_ack_of_a_cut_off_worker_is_refused(
+    tmp_path: Path, shared_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lease is sized when the job is enqueued (here, in this process): 2 s for `stale`.
+    monkeypatch.setattr(base, "DEFAULT_LEASE", 2.0)
+    server = urlsplit(shared_url)
+    proxy = TcpProxy(server.port or 5432, server.hostname or "127.0.0.1")
+    # The same server, database and schema, through the relay: every connection the cut-off
+    # worker opens (its pool and its LISTEN connection) goes through it.
+    harness = Harness(tmp_path, shared_url)
+    creator = App(shared_url)
+    try:
+        try:
+            creator.run_sync(lambda broker: broker.stats())  # the schema, before the workers start
+        finally:
+            creator.close()
+        late_ack_of_a_cut_off_worker(harness, [proxy], through(shared_url, proxy), "PostgreSQL", 2.0)
+    finally:
+        harness.close()
+        proxy.close()
