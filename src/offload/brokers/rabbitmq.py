@@ -67,6 +67,10 @@ SLEEP_BELOW = 0.15  # shorter pauses are slept: Redis's BLPOP timeout is only as
 FULL_LOOK_EVERY = 5.0  # seconds between fetches that look in every class (strays, duplicates)
 SWEEP_EVERY = 5.0  # seconds between sweeps (unconfirmed publishes, the poison queue)
 SWEEP_BATCH = 500
+# A lease expired this long ago whose job nobody claimed is recovered by the sweeper (STRANDED):
+# the worker holding its message is cut off or frozen. The holder's own lease timer, when it
+# runs, gets there first (at lease + 0.05 s), so a live worker's expiry adds no extra message.
+STRANDED_AFTER = 1.0
 
 
 @dataclass
@@ -98,7 +102,7 @@ class RabbitMQBroker(RedisBroker):
     async def connect(self) -> None:
         await super().connect()
         client = await self._redis()
-        for name in ("CLAIM", "ROLLBACK", "ROUTE", "MARK", "SWEEP", "HINT", "POISON"):
+        for name in ("CLAIM", "ROLLBACK", "ROUTE", "MARK", "SWEEP", "HINT", "POISON", "STRANDED"):
             if name not in self._scripts:
                 self._scripts[name] = client.register_script(getattr(rlua, name))
         if not self._link.open:
@@ -360,8 +364,22 @@ class RabbitMQBroker(RedisBroker):
 
     async def sweep(self) -> tuple[int, int]:
         """Re-publish records whose publish was never confirmed (a producer died between its two
-        writes) and dead-letter the jobs of poison messages. Returns (re-published, poisoned)."""
+        writes) or whose lease expired while another process holds their message (STRANDED), and
+        dead-letter the jobs of poison messages. Returns (re-published, poisoned)."""
         republished = 0
+        # Without this, a job whose worker is cut off from RabbitMQ (or frozen) past its lease
+        # runs nowhere else until RabbitMQ declares that worker's connection dead: minutes.
+        while rows := await self._run("STRANDED", [repr(STRANDED_AFTER), SWEEP_BATCH]):
+            for job_id, q, prio, body in rows:
+                log.warning(
+                    "job %s: its lease expired and its worker did not hand it back; publishing it again",
+                    _text(job_id),
+                )
+                await self._link.publish(_text(job_id), _text(q), int(prio), bytes(body), 0.0)
+            await self._published([_text(r[0]) for r in rows], [_text(r[1]) for r in rows])
+            republished += len(rows)
+            if len(rows) < SWEEP_BATCH:
+                break
         while rows := await self._run("SWEEP", [repr(self.options.republish_after), SWEEP_BATCH]):
             for job_id, q, prio, seconds, body in rows:
                 log.warning("job %s: its publish was never confirmed; publishing it now", _text(job_id))

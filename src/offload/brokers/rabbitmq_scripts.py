@@ -228,3 +228,45 @@ count_finished(finished, now)
 return n
 """
 )
+
+# ARGV: namespace, grace seconds, limit. Leases that expired more than `grace` seconds ago and
+# whose job nobody claimed since. Their AMQP message is still unacked by the process that took
+# it, and RabbitMQ hands it back only once it declares that connection dead (a missed heartbeat:
+# a minute or more by default), so a worker cut off from RabbitMQ, or frozen, past its lease
+# would keep the job from running elsewhere until then. Each such job is requeued as the Redis
+# broker's fetch does (or dead-lettered past max_deliveries), marked "publish not confirmed" (if
+# the caller dies before publishing, the sweeper does it) and returned as {id, queue, prio, body}
+# for a fresh message. The old message, once it comes back, finds the job taken or finished.
+STRANDED = _script(
+    """
+local now = now_ts()
+local finished, released = {}, {}
+local out = {}
+local ids = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', fmt(now - tonumber(ARGV[2])), 'LIMIT', 0,
+  tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  redis.call('ZREM', K_LEASES, id)
+  local f = redis.call('HMGET', k_job(id), 'state', 'lexp', 'queue', 'deliv', 'maxd', 'prio', 'body')
+  if f[1] == 'running' then
+    local q = f[3]
+    if tonumber(f[2]) > now then
+      redis.call('ZADD', K_LEASES, f[2], id)  -- extended meanwhile
+    else
+      bump(released, q, 1)
+      local deliveries, most = tonumber(f[4]), tonumber(f[5])
+      if deliveries >= most then
+        to_dlq(id, q, now, 'delivered ' .. deliveries .. ' times without being settled (max_deliveries='
+          .. most .. '); the worker crashed or lost its lease each time', finished)
+      else
+        make_ready(id, q, tonumber(f[6]), now)
+        redis.call('ZADD', K_UNPUBLISHED, fmt(now), id)
+        out[#out + 1] = {id, q, f[6], f[7]}
+      end
+    end
+  end
+end
+for q, n in pairs(released) do redis.call('HINCRBY', K_RUNNING, q, -n) end
+count_finished(finished, now)
+return out
+"""
+)
