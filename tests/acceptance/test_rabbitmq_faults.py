@@ -8,6 +8,10 @@
     reconnect by themselves, and every job completes.
 (c) A producer dies between writing a job's record and publishing its message: a worker's
     sweeper publishes it, and the job runs once.
+(d) A worker's connections (to RabbitMQ and to the Redis state store) are cut (relays in the test
+    process stall them both ways, as a network partition does) for longer than its lease: another
+    worker runs the job meanwhile, and the cut-off worker's late ack is refused when the links
+    heal; it then goes on consuming.
 Each needs RabbitMQ and Redis (OFFLOAD_TEST_AMQP_URL, OFFLOAD_TEST_REDIS_URL) and (b) the
 rabbitmq-server scripts; they are skipped where those are missing, unless CI=true, where they fail.
 """
@@ -32,9 +36,18 @@ from urllib.parse import urlencode, urlsplit
 import acceptance_app
 import psutil
 import pytest
-from acceptance_harness import APP, Harness, sigkill_a_worker_mid_run, wait_until
+from acceptance_harness import (
+    APP,
+    Harness,
+    TcpProxy,
+    late_ack_of_a_cut_off_worker,
+    sigkill_a_worker_mid_run,
+    through,
+    wait_until,
+)
 
 from offload import App, BrokerError
+from offload.brokers import base
 
 SHARED_AMQP = os.environ.get("OFFLOAD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS = os.environ.get("OFFLOAD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -365,3 +378,24 @@ def test_producer_dying_between_record_and_publish_strands_no_job(tmp_path: Path
         print("\nproducer killed between its record write and its publish: the sweeper published the job")
     finally:
         harness.close()
+
+
+@pytest.mark.timeout(120)
+def test_late_ack_of_a_cut_off_worker_is_refused(
+    tmp_path: Path, shared_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lease is sized when the job is enqueued (here, in this process): 2 s for `stale`.
+    monkeypatch.setattr(base, "DEFAULT_LEASE", 2.0)
+    amqp, state = urlsplit(SHARED_AMQP), urlsplit(REDIS)
+    proxies = [TcpProxy(amqp.port or 5672, amqp.hostname or "127.0.0.1")]
+    proxies.append(TcpProxy(state.port or 6379, state.hostname or "127.0.0.1"))
+    # Both of the cut-off worker's links go through a relay: a partitioned host loses both.
+    options = {"state": through(REDIS, proxies[1]), "prefix": shared_prefix}
+    stale_url = f"{through(SHARED_AMQP, proxies[0])}?{urlencode(options)}"
+    harness = Harness(tmp_path, _url(SHARED_AMQP, shared_prefix))
+    try:
+        late_ack_of_a_cut_off_worker(harness, proxies, stale_url, "RabbitMQ", 2.0)
+    finally:
+        harness.close()
+        for proxy in proxies:
+            proxy.close()
