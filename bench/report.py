@@ -260,7 +260,9 @@ def markdown(result: dict[str, Any]) -> str:
         systems = info["systems"]
         baseline = info["baseline"]
         parts += ["", f"## {TITLES.get(group, group)}", "", table(result["summary"], systems), ""]
-        if baseline in systems and baseline in result["summary"]:
+        if len(systems) < 2:
+            parts.append("No ratios: no peer on this broker.")
+        elif baseline in systems and baseline in result["summary"]:
             parts += [
                 f"Ratios: {baseline} relative to each peer.",
                 "",
@@ -271,7 +273,8 @@ def markdown(result: dict[str, Any]) -> str:
         timing = time_table(result["summary"], systems)
         if timing:
             parts += ["", f"### Where the time goes ({TITLES.get(group, group)})", ""]
-            parts += [ROUND_TRIPS, ""]
+            if group != "sqlite":
+                parts += [ROUND_TRIPS, ""]
             unit = OPS_UNITS.get(group)
             if unit:
                 parts += [f"Server operations: {unit}.", ""]
