@@ -271,8 +271,6 @@ def test_late_ack_of_a_cut_off_worker_is_refused(
     monkeypatch.setattr(base, "DEFAULT_LEASE", 2.0)
     server = urlsplit(shared_url)
     proxy = TcpProxy(server.port or 5432, server.hostname or "127.0.0.1")
-    # The same server, database and schema, through the relay: every connection the cut-off
-    # worker opens (its pool and its LISTEN connection) goes through it.
     harness = Harness(tmp_path, shared_url)
     creator = App(shared_url)
     try:
@@ -280,6 +278,8 @@ def test_late_ack_of_a_cut_off_worker_is_refused(
             creator.run_sync(lambda broker: broker.stats())  # the schema, before the workers start
         finally:
             creator.close()
+        # The same server, database and schema, through the relay: every connection the cut-off
+        # worker opens (its pool and its LISTEN connection) goes through it.
         late_ack_of_a_cut_off_worker(harness, [proxy], through(shared_url, proxy), "PostgreSQL", 2.0)
     finally:
         harness.close()
