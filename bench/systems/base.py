@@ -39,10 +39,6 @@ class Settings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     nats_url: str = "nats://127.0.0.1:4222"
 
-    @property
-    def postgres_database(self) -> str:
-        return self.postgres_url.rsplit("/", 1)[1].split("?", 1)[0]
-
 
 class Producer(abc.ABC):
     """Sends benchmark jobs from one client process."""
@@ -139,11 +135,3 @@ def remove_sqlite(path: Path) -> None:
 
 def redis_url() -> str:
     return os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
-
-
-def postgres_url() -> str:
-    return os.environ.get("BENCH_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/offload_bench")
-
-
-def amqp_url() -> str:
-    return os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
