@@ -148,13 +148,13 @@ def _reset_servers(settings: Settings, system: System, redis_client: redis.Redis
     """Empty what the bench owns on the system's servers: its Redis DB, its PostgreSQL database,
     the RabbitMQ queues the system declares (named by the adapter, and for offload also those
     its state store lists: delay buckets)."""
-    queues = list(system.amqp_queues)
-    if "rabbitmq" in system.servers:
-        queues += _amqp_names_in(redis_client)
+    # offload-rabbitmq's queue names live in the Redis DB about to be flushed: read them first,
+    # whichever system comes next, so no delay bucket of an earlier measurement is left behind.
+    queues = [*system.amqp_queues, *_amqp_names_in(redis_client)]
     redis_client.flushdb()
     if "postgres" in system.servers:
         servers.reset_postgres(settings.postgres_url)
-    if "rabbitmq" in system.servers:
+    if queues:
         servers.reset_amqp(settings.amqp_url, tuple(dict.fromkeys(queues)))
 
 
