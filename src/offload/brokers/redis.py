@@ -18,21 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import msgspec
+import redis
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.retry import Retry as SyncRetry
 
 from offload.brokers import redis_keys as keys
 from offload.brokers import redis_scripts as lua
@@ -51,9 +55,16 @@ MIN_BLOCK = 0.01
 SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64  # per broker (one per event loop); the URL's max_connections overrides it
-# An enqueue batch with more body bytes than this stages its bodies first (see _stage).
+# An enqueue batch with more body bytes than this stages its bodies first (see _stage_chunks).
 STAGE_BYTES = 32 * 1024 * 1024
 STAGE_TTL = 3600
+_POOL_OPTIONS: dict[str, Any] = {
+    "max_connections": MAX_CONNECTIONS,
+    "timeout": SOCKET_TIMEOUT,
+    "socket_timeout": SOCKET_TIMEOUT,
+    "socket_connect_timeout": CONNECT_TIMEOUT,
+    "socket_keepalive": True,
+}
 
 _JOB_FIELDS = (
     b"queue",
@@ -85,6 +96,7 @@ class RedisBroker(Broker):
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._blocking_link: _BlockingLink | None = None  # enqueue_blocking's connections, made by connect()
         self._route = [self.namespace + keys.QUEUES]  # KEYS[1] of every script: the namespace's slot
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -125,11 +137,7 @@ class RedisBroker(Broker):
         # Past max_connections, commands wait for a free connection rather than fail.
         pool = aioredis.BlockingConnectionPool.from_url(
             self._redis_url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=SOCKET_TIMEOUT,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_keepalive=True,
+            **_POOL_OPTIONS,
             # No silent re-sends: a script whose reply was lost may have run. Callers see a
             # BrokerError and decide (the worker retries its fetch; enqueue is safe to re-send).
             retry=Retry(NoBackoff(), 0),
@@ -157,6 +165,8 @@ class RedisBroker(Broker):
                 "PRUNE",
             )
         }
+        if self._blocking_enqueues():
+            self._blocking_link = _BlockingLink(self._redis_url)  # connects when a sync sender first uses it
         self._client = client
 
     async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
@@ -183,6 +193,9 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._blocking_link is not None:
+            link, self._blocking_link = self._blocking_link, None
+            link.close()  # no I/O beyond closing the idle sockets
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -208,54 +221,64 @@ class RedisBroker(Broker):
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
         if not items:
             return []
-        meta = [
-            (
-                m.id,
-                m.queue,
-                m.task,
-                m.priority,
-                "" if m.eta is None else repr(float(m.eta)),
-                repr(float(m.created_at or time.time())),
-                repr(lease_seconds(m.timeout)),
-                m.max_deliveries,
-                repr(float(m.result_ttl)),
-                False if m.idempotency_key is None else m.idempotency_key,
-                int(m.idempotency_window * 1000),
-                len(body),
-            )
-            for m, body in items
-        ]
-        if sum(len(body) for _, body in items) <= STAGE_BYTES:
-            reply = await self._run("ENQUEUE", [_pack(meta), b"".join(body for _, body in items)])
+        meta, bodies = _enqueue_meta(items)
+        if bodies is not None:
+            reply = await self._run("ENQUEUE", [meta, bodies])
         else:
-            reply = await self._run("ENQUEUE", [_pack(meta), b"", await self._stage(items)])
-        if reply[0] == b"full":
-            _, queue, depth, bound, rate = reply
-            raise QueueFull(_text(queue), int(depth), int(bound), float(rate))
-        return [Enqueued(_text(reply[i]), bool(reply[i + 1])) for i in range(1, len(reply), 2)]
-
-    async def _stage(self, items: Sequence[tuple[Message, bytes]]) -> str:
-        """Write a large batch's bodies to a transient hash, in commands of bounded size.
-
-        Redis caps one argument at 512 MB and a command at the client query buffer (1 GB); the
-        enqueue script then moves the bodies into the jobs, all or nothing. If it never runs, the
-        staging key expires.
-        """
-        client = await self._redis()
-        key = f"{self.namespace}{keys.STAGE}{uuid.uuid4().hex}"
-        chunk: dict[int, bytes] = {}
-        size = 0
-        with self._errors():
-            for position, (_, body) in enumerate(items, 1):
-                chunk[position] = body
-                size += len(body)
-                if size >= STAGE_BYTES:
+            client = await self._redis()
+            key = self._stage_key()
+            with self._errors():
+                for chunk in _stage_chunks(items):
                     await cast(Any, client.hset(key, mapping=cast(Any, chunk)))
-                    chunk, size = {}, 0
-            if chunk:
-                await cast(Any, client.hset(key, mapping=cast(Any, chunk)))
-            await cast(Any, client.expire(key, STAGE_TTL))
-        return key
+                await cast(Any, client.expire(key, STAGE_TTL))
+            reply = await self._run("ENQUEUE", [meta, b"", key])
+        return _enqueued(reply)
+
+    @property
+    def enqueue_blocking(self) -> Callable[[Sequence[tuple[Message, bytes]]], list[Enqueued]] | None:
+        """`enqueue` for a sync caller on any thread but an event loop's, after `connect()`.
+
+        The same script and the same answers (QueueFull, BrokerError, idempotency) as `enqueue`,
+        sent by a synchronous client: one round trip, no hand-off to an event loop thread. None
+        for a subclass that enqueues differently (RabbitMQ publishes to AMQP), so App falls back
+        to its `enqueue` on the portal loop.
+        """
+        return self._enqueue_blocking if self._blocking_enqueues() else None
+
+    def _blocking_enqueues(self) -> bool:
+        """Whether this class enqueues the way `_enqueue_blocking` does (just the script)."""
+        cls = type(self)
+        return cls.enqueue is RedisBroker.enqueue and cls._run is RedisBroker._run
+
+    def _enqueue_blocking(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
+        link = self._blocking_link
+        if link is None:
+            raise RuntimeError("connect() the broker before enqueue_blocking()")
+        if not items:
+            return []
+        meta, bodies = _enqueue_meta(items)
+        route, namespace = self._route[0], self.namespace
+        if bodies is not None:
+
+            def send(conn: Any) -> Any:
+                return _evalsha(conn, _ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, bodies)
+
+        else:
+            key = self._stage_key()
+
+            def send(conn: Any) -> Any:
+                for chunk in _stage_chunks(items):
+                    _command(conn, "HSET", key, *(x for pair in chunk.items() for x in pair))
+                _command(conn, "EXPIRE", key, STAGE_TTL)
+                return _evalsha(conn, _ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, b"", key)
+
+        with self._errors():
+            reply = link.run(send)
+        return _enqueued(reply)
+
+    def _stage_key(self) -> str:
+        """A transient hash for a large batch's bodies (see _stage_chunks)."""
+        return f"{self.namespace}{keys.STAGE}{uuid.uuid4().hex}"
 
     # -- fetch ---------------------------------------------------------------------------------
 
@@ -417,6 +440,150 @@ class RedisBroker(Broker):
 
 
 _pack = msgspec.msgpack.Encoder().encode  # batch metadata for the scripts (Lua's cmsgpack decodes it)
+
+
+def _enqueue_meta(items: Sequence[tuple[Message, bytes]]) -> tuple[bytes, bytes | None]:
+    """The ENQUEUE script's packed metadata, and the bodies back to back (None: stage them)."""
+    meta = [
+        (
+            m.id,
+            m.queue,
+            m.task,
+            m.priority,
+            "" if m.eta is None else repr(float(m.eta)),
+            repr(float(m.created_at or time.time())),
+            repr(lease_seconds(m.timeout)),
+            m.max_deliveries,
+            repr(float(m.result_ttl)),
+            False if m.idempotency_key is None else m.idempotency_key,
+            int(m.idempotency_window * 1000),
+            len(body),
+        )
+        for m, body in items
+    ]
+    if sum(len(body) for _, body in items) > STAGE_BYTES:
+        return _pack(meta), None
+    return _pack(meta), b"".join(body for _, body in items)
+
+
+class _BlockingLink:
+    """enqueue_blocking's connections to Redis: redis-py Connections (hiredis parser), no event loop.
+
+    A sender takes an idle connection (or opens one), sends its commands, reads the replies and
+    puts the connection back: a list used as a stack is the whole pool, safe across threads
+    because list.pop and list.append are atomic. This skips what redis-py's own pool and command
+    layer do per call (a poll of the socket, locks, retry and observability wrappers), about half
+    the CPU of a one-job send. At most `max_connections` are in use at once (others wait, like
+    the async client's pool); a forked child opens its own.
+    """
+
+    def __init__(self, url: str) -> None:
+        # Parses the URL and its options (TLS, auth, db, timeouts) once; it never opens anything.
+        pool = redis.ConnectionPool.from_url(
+            url,
+            **{name: value for name, value in _POOL_OPTIONS.items() if name != "timeout"},
+            retry=SyncRetry(NoBackoff(), 0),  # no silent re-sends, as for the async client
+        )
+        self._connection_class = pool.connection_class
+        self._connection_kwargs = pool.connection_kwargs
+        self._slots = threading.BoundedSemaphore(pool.max_connections)
+        self._idle: list[Any] = []  # redis.connection.Connection (untyped)
+        self._pid = os.getpid()
+        self._closed = False
+
+    def run(self, send: Callable[[Any], Any]) -> Any:
+        """`send(connection)` on a connection of this process, once more on a fresh one if a
+        connection that sat idle turns out to be dead (closed by a restart or an idle timeout).
+
+        That second try is safe for enqueue only: a batch whose first attempt ran is recognised
+        by its job ids and not stored again.
+        """
+        if self._closed:
+            raise rex.ConnectionError("the broker was closed")
+        if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
+            self._idle, self._pid = [], os.getpid()
+        if not self._slots.acquire(timeout=SOCKET_TIMEOUT):
+            raise rex.ConnectionError(f"no free connection within {SOCKET_TIMEOUT:g} s")
+        try:
+            try:
+                conn, fresh = self._idle.pop(), False
+            except IndexError:
+                conn, fresh = self._connection_class(**self._connection_kwargs), True
+            try:
+                reply = send(conn)
+            except rex.ConnectionError:
+                conn.disconnect()
+                if fresh:
+                    raise
+                conn = self._connection_class(**self._connection_kwargs)
+                try:
+                    reply = send(conn)
+                except BaseException:
+                    conn.disconnect()
+                    raise
+            except rex.ResponseError:
+                self._idle.append(conn)  # an error reply was read whole: the connection is fine
+                raise
+            except BaseException:
+                conn.disconnect()  # a reply may still be on its way: never reuse it
+                raise
+            if self._closed:
+                conn.disconnect()
+            else:
+                self._idle.append(conn)
+            return reply
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.disconnect()
+
+
+def _command(conn: Any, *args: Any) -> Any:
+    conn.send_packed_command(conn.pack_command(*args), check_health=False)
+    return conn.read_response()
+
+
+def _evalsha(conn: Any, sha: str, script: str, route: str, *args: Any) -> Any:
+    """A script by its hash, loading it first if the server does not have it (NOSCRIPT)."""
+    try:
+        return _command(conn, "EVALSHA", sha, 1, route, *args)
+    except rex.NoScriptError:
+        _command(conn, "SCRIPT", "LOAD", script)
+        return _command(conn, "EVALSHA", sha, 1, route, *args)
+
+
+_ENQUEUE_SHA = hashlib.sha1(lua.ENQUEUE.encode(), usedforsecurity=False).hexdigest()
+
+
+def _stage_chunks(items: Sequence[tuple[Message, bytes]]) -> Iterator[dict[int, bytes]]:
+    """A large batch's bodies as HSET mappings of bounded size (field = the job's position).
+
+    Redis caps one argument at 512 MB and a command at the client query buffer (1 GB); the
+    enqueue script then moves the bodies into the jobs, all or nothing. If it never runs, the
+    staging key expires.
+    """
+    chunk: dict[int, bytes] = {}
+    size = 0
+    for position, (_, body) in enumerate(items, 1):
+        chunk[position] = body
+        size += len(body)
+        if size >= STAGE_BYTES:
+            yield chunk
+            chunk, size = {}, 0
+    if chunk:
+        yield chunk
+
+
+def _enqueued(reply: list[Any]) -> list[Enqueued]:
+    """The ENQUEUE script's reply: the jobs' ids and whether each was created, or QueueFull."""
+    if reply[0] == b"full":
+        _, queue, depth, bound, rate = reply
+        raise QueueFull(_text(queue), int(depth), int(bound), float(rate))
+    return [Enqueued(_text(reply[i]), bool(reply[i + 1])) for i in range(1, len(reply), 2)]
 
 
 def _text(value: bytes | str) -> str:
