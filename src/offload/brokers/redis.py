@@ -232,7 +232,7 @@ class RedisBroker(Broker):
                     await cast(Any, client.hset(key, mapping=cast(Any, chunk)))
                 await cast(Any, client.expire(key, STAGE_TTL))
             reply = await self._run("ENQUEUE", [meta, b"", key])
-        return _enqueued(reply)
+        return _enqueued(items, reply)
 
     @property
     def enqueue_blocking(self) -> Callable[[Sequence[tuple[Message, bytes]]], list[Enqueued]] | None:
@@ -274,7 +274,7 @@ class RedisBroker(Broker):
 
         with self._errors():
             reply = link.run(send)
-        return _enqueued(reply)
+        return _enqueued(items, reply)
 
     def _stage_key(self) -> str:
         """A transient hash for a large batch's bodies (see _stage_chunks)."""
@@ -444,26 +444,38 @@ _pack = msgspec.msgpack.Encoder().encode  # batch metadata for the scripts (Lua'
 
 def _enqueue_meta(items: Sequence[tuple[Message, bytes]]) -> tuple[bytes, bytes | None]:
     """The ENQUEUE script's packed metadata, and the bodies back to back (None: stage them)."""
-    meta = [
-        (
-            m.id,
-            m.queue,
-            m.task,
-            m.priority,
-            "" if m.eta is None else repr(float(m.eta)),
-            repr(float(m.created_at or time.time())),
-            repr(lease_seconds(m.timeout)),
-            m.max_deliveries,
-            repr(float(m.result_ttl)),
-            False if m.idempotency_key is None else m.idempotency_key,
-            int(m.idempotency_window * 1000),
-            len(body),
+    leases: dict[float | None, str] = {}  # a batch mostly repeats a few timeouts and TTLs
+    ttls: dict[float, str] = {}
+    now = repr(time.time())
+    meta = []
+    size = 0
+    for m, body in items:
+        lease = leases.get(m.timeout)
+        if lease is None:
+            lease = leases[m.timeout] = repr(lease_seconds(m.timeout))
+        ttl = ttls.get(m.result_ttl)
+        if ttl is None:
+            ttl = ttls[m.result_ttl] = repr(float(m.result_ttl))
+        size += len(body)
+        meta.append(
+            (
+                m.id,
+                m.queue,
+                m.task,
+                m.priority,
+                "" if m.eta is None else repr(float(m.eta)),
+                repr(float(m.created_at)) if m.created_at else now,
+                lease,
+                m.max_deliveries,
+                ttl,
+                False if m.idempotency_key is None else m.idempotency_key,
+                int(m.idempotency_window * 1000),
+                len(body),
+            )
         )
-        for m, body in items
-    ]
-    if sum(len(body) for _, body in items) > STAGE_BYTES:
+    if size > STAGE_BYTES:
         return _pack(meta), None
-    return _pack(meta), b"".join(body for _, body in items)
+    return _pack(meta), b"".join([body for _, body in items])
 
 
 class _BlockingLink:
@@ -578,12 +590,15 @@ def _stage_chunks(items: Sequence[tuple[Message, bytes]]) -> Iterator[dict[int, 
         yield chunk
 
 
-def _enqueued(reply: list[Any]) -> list[Enqueued]:
-    """The ENQUEUE script's reply: the jobs' ids and whether each was created, or QueueFull."""
+def _enqueued(items: Sequence[tuple[Message, bytes]], reply: list[Any]) -> list[Enqueued]:
+    """The ENQUEUE script's reply as the jobs' ids and whether each was created, or QueueFull."""
     if reply[0] == b"full":
         _, queue, depth, bound, rate = reply
         raise QueueFull(_text(queue), int(depth), int(bound), float(rate))
-    return [Enqueued(_text(reply[i]), bool(reply[i + 1])) for i in range(1, len(reply), 2)]
+    out = [Enqueued(m.id, True) for m, _ in items]
+    for i in range(1, len(reply), 2):  # the jobs whose idempotency key another job holds
+        out[int(reply[i]) - 1] = Enqueued(_text(reply[i + 1]), False)
+    return out
 
 
 def _text(value: bytes | str) -> str:

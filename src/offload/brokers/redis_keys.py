@@ -81,6 +81,7 @@ local function k_drain(q) return P .. '{DRAIN}' .. q end
 local function k_idem(key) return P .. '{IDEM}' .. key end
 local DRAIN_WINDOW, SIGNAL_CAP, SEQ_WIDTH, CHUNK = {DRAIN_WINDOW}, {SIGNAL_CAP}, {SEQ_WIDTH}, {CHUNK}
 local EXPIRY_GRACE = {EXPIRY_GRACE}
+local SEQ_FORMAT = '%0' .. SEQ_WIDTH .. '.0f'  -- a FIFO number as the front of a ready-set member
 
 local function now_ts()
   local t = redis.call('TIME')
@@ -106,10 +107,18 @@ local function bump(counts, key, n)
   counts[key] = (counts[key] or 0) + n
 end
 
+-- ZADD of a flat list (score, member, score, member, ...), in commands of at most 1000 members (Lua's unpack
+-- has a limit on how many values it returns).
+local function zadd_many(key, flat)
+  for first = 1, #flat, 2000 do
+    redis.call('ZADD', key, unpack(flat, first, math.min(first + 1999, #flat)))
+  end
+end
+
 -- Put a queued job at the back of its priority class.
 local function make_ready(id, q, prio, now)
   local seq = redis.call('INCR', K_SEQ)
-  local member = string.format('%0' .. SEQ_WIDTH .. '.0f', seq) .. id
+  local member = string.format(SEQ_FORMAT, seq) .. id
   redis.call('ZADD', k_ready(q), 0 - prio, member)
   redis.call('HSET', k_job(id), 'state', 'queued', 'run_at', fmt(now), 'rm', member)
 end

@@ -13,7 +13,12 @@ from offload.brokers.redis_keys import script
 # max_deliveries, result_ttl, idempotency key (false = none), window in ms, body length], ...],
 # the bodies, and optionally a staging key: for a batch too large for one command the bodies were
 # written there first (field = the job's position), and this script takes them out atomically.
-# Returns {"ok", id1, created1, ...} or {"full", queue, depth, max_depth, drain_rate}.
+# Returns {"ok", then for each job whose idempotency key is held by another job: its position
+# (1-based), that job's id} (every other job is stored, or was by an earlier attempt of this
+# call, under its own id) or {"full", queue, depth, max_depth, drain_rate}.
+#
+# Per new job: one EXISTS, one HSET (the whole record, ready-set member included), and its share
+# of one ZADD per queue and of one INCRBY for the batch's FIFO numbers.
 ENQUEUE = script(
     """
 local items = cmsgpack.unpack(ARGV[2])
@@ -27,10 +32,11 @@ local function done(reply)
   return reply
 end
 local now = now_ts()
-local verdict = {}  -- per job: 'new', 'dup' (key held; the id is in held[i]) or 'again'
+local verdict = {}  -- per job: 'ready' or 'later' (new), 'dup' (key held; the id is in held[i]), 'again'
 local held = {}
 local in_batch = {}
 local adding, order = {}, {}
+local fresh = 0
 for i, it in ipairs(items) do
   local id, key = it[1], it[10]
   local state = 'new'
@@ -44,12 +50,18 @@ for i, it in ipairs(items) do
       in_batch[key] = id
     end
   end
-  verdict[i] = state
   if state == 'new' then
-    local q = it[2]
+    local q, eta = it[2], it[5]
     if adding[q] == nil then order[#order + 1] = q end
     bump(adding, q, 1)
+    if eta ~= '' and tonumber(eta) > now then
+      state = 'later'
+    else
+      state = 'ready'
+      fresh = fresh + 1
+    end
   end
+  verdict[i] = state
 end
 for _, q in ipairs(order) do
   local bound = redis.call('HGET', K_QUEUES, q)
@@ -60,40 +72,46 @@ for _, q in ipairs(order) do
     end
   end
 end
+-- The batch's FIFO numbers in one step: the jobs made ready take seq + 1, seq + 2, ... in order.
+local seq = 0
+if fresh > 0 then seq = redis.call('INCRBY', K_SEQ, fresh) - fresh end
+local at = fmt(now)
 local out = {'ok'}
-local woken = {}
+local woken, members = {}, {}
 for i, it in ipairs(items) do
-  local id, q, prio, eta, key = it[1], it[2], it[4], it[5], it[10]
+  local state = verdict[i]
   local job_body = body(it[12], i)
-  if verdict[i] == 'new' then
-    local run_at = now
-    if eta ~= '' and tonumber(eta) > now then run_at = tonumber(eta) end
+  if state == 'ready' or state == 'later' then
+    local id, q, prio, key = it[1], it[2], it[4], it[10]
     local hash = k_job(id)
-    redis.call('HSET', hash, 'queue', q, 'task', it[3], 'state', 'queued', 'prio', prio,
-      'created', it[6], 'lease', it[7], 'maxd', it[8], 'ttl', it[9], 'deliv', 0, 'att', 0,
-      'body', job_body)
+    if state == 'ready' then
+      seq = seq + 1
+      local member = string.format(SEQ_FORMAT, seq) .. id
+      redis.call('HSET', hash, 'queue', q, 'task', it[3], 'state', 'queued', 'prio', prio,
+        'created', it[6], 'lease', it[7], 'maxd', it[8], 'ttl', it[9], 'deliv', 0, 'att', 0,
+        'run_at', at, 'rm', member, 'body', job_body)
+      local m = members[q]
+      if m == nil then m = {}; members[q] = m end
+      m[#m + 1] = 0 - prio
+      m[#m + 1] = member
+      bump(woken, q, 1)
+    else
+      redis.call('HSET', hash, 'queue', q, 'task', it[3], 'state', 'queued', 'prio', prio,
+        'created', it[6], 'lease', it[7], 'maxd', it[8], 'ttl', it[9], 'deliv', 0, 'att', 0,
+        'run_at', it[5], 'body', job_body)
+      redis.call('ZADD', k_delayed(q), it[5], id)
+      bump(woken, q, 0)  -- waiting fetches re-arm their timers for it
+    end
     if key then
       redis.call('HSET', hash, 'ikey', key)
       if it[11] > 0 then redis.call('SET', k_idem(key), id, 'PX', it[11]) end
     end
-    if run_at > now then
-      redis.call('HSET', hash, 'run_at', eta)
-      redis.call('ZADD', k_delayed(q), eta, id)
-      bump(woken, q, 0)  -- waiting fetches re-arm their timers for it
-    else
-      make_ready(id, q, prio, now)
-      bump(woken, q, 1)
-    end
-    out[#out + 1] = id
-    out[#out + 1] = 1
-  elseif verdict[i] == 'dup' then
+  elseif state == 'dup' then
+    out[#out + 1] = i
     out[#out + 1] = held[i]
-    out[#out + 1] = 0
-  else
-    out[#out + 1] = id
-    out[#out + 1] = 1
   end
 end
+for q, m in pairs(members) do zadd_many(k_ready(q), m) end
 for q, n in pairs(woken) do
   redis.call('HSETNX', K_QUEUES, q, '')
   signal(q, math.max(n, 1))
