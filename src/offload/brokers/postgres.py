@@ -108,6 +108,7 @@ class PostgresBroker(Broker):
                 statement_cache_size=o.statement_cache_size,
                 server_settings={"application_name": "offload", **o.server_settings},
                 timeout=o.connect_timeout,
+                reset=_keep_session,
             )
         except Exception as exc:
             raise BrokerError(explain(exc, o)) from exc
@@ -412,6 +413,18 @@ class PostgresBroker(Broker):
         )
         pruned: int = await self._call(lambda conn: conn.fetchval(sql))
         return pruned
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset: nothing to undo, so a connection goes back without a round trip.
+
+    asyncpg's default resets every released connection with one more statement (advisory
+    unlocks, CLOSE ALL, UNLISTEN *, RESET ALL), the second round trip of every call. Pooled
+    connections here keep no session state: settings are transaction-local (set_config(..., true)),
+    LISTEN has a connection of its own, and the one session-level advisory lock (migrations, in
+    ensure_schema) is released before its connection goes back, or the pool is closed. asyncpg
+    still rolls back a transaction left open before calling this.
+    """
 
 
 # -- rows to records -----------------------------------------------------------------------------
