@@ -54,7 +54,7 @@ MAX_BLOCK = 5.0
 MIN_BLOCK = 0.01
 SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
-MAX_CONNECTIONS = 64  # per broker (one per event loop); the URL's max_connections overrides it
+MAX_CONNECTIONS = 64  # per broker, and again for its sync senders; the URL's max_connections overrides it
 # An enqueue batch with more body bytes than this stages its bodies first (see _stage_chunks).
 STAGE_BYTES = 32 * 1024 * 1024
 STAGE_TTL = 3600
