@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from offload import logs
+from offload import eventloop, logs
 from offload.app import DEFAULT_BROKER, App
 from offload.errors import OffloadError
 from offload.loader import load_app
@@ -182,7 +182,7 @@ def _run_worker(app: App, queues: list[str], concurrency: int, burst: bool, grac
         finally:
             await app.close_async()
 
-    asyncio.run(run())
+    eventloop.run(run())
 
 
 @main.command(context_settings=CONTEXT)
@@ -291,7 +291,7 @@ def api(
         finally:
             await app.close_async()
 
-    asyncio.run(serve())
+    eventloop.run(serve())
 
 
 @main.group(context_settings=CONTEXT)

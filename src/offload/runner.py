@@ -16,6 +16,7 @@ import sys
 
 import click
 
+from offload import eventloop
 from offload.app import App
 from offload.loader import load_app
 
@@ -79,7 +80,7 @@ def run_all_in_one(
         await app.close_async()
 
     try:
-        asyncio.run(main())
+        eventloop.run(main())
     finally:
         if workers.poll() is None:
             workers.send_signal(signal.SIGTERM)
