@@ -310,8 +310,8 @@ class _Api:
             raise Problem(422, "invalid-arguments", str(exc), errors=[]) from None
         if key is None:
             refusal = self.full_queues.refusal(message.queue)
-            if refusal is not None:
-                raise refusal  # still full a moment ago: 503 without a broker round trip
+            if refusal is not None:  # still full a moment ago: 503 without a broker round trip
+                return queue_full_problem(refusal).response()  # returned, not raised: see FullQueues
         try:
             job = (await self.app.send_many_async([message]))[0]
         except QueueFull as exc:

@@ -62,7 +62,11 @@ class FullQueues:
         hold = MAX_HOLD
         if exc.drain_rate > 0:
             hold = min(MAX_HOLD, 0.25 * exc.max_depth / exc.drain_rate)
-        self._held[exc.queue] = (self._clock() + hold, exc)
+        # A copy with no traceback: the raised one keeps its request's frames alive, and raising
+        # one instance again and again would grow its traceback by every raise (and the heap
+        # with it, and the pauses of the garbage collector that walks it).
+        held = QueueFull(exc.queue, exc.depth, exc.max_depth, exc.drain_rate)
+        self._held[exc.queue] = (self._clock() + hold, held)
         self._probing.discard(exc.queue)
 
     def forget(self, queue: str) -> None:
