@@ -22,6 +22,7 @@ from offload.brokers import Enqueued, broker_from_url
 from offload.brokers import redis as redis_broker
 from offload.brokers.rabbitmq import RabbitMQBroker
 from offload.brokers.redis import RedisBroker
+from offload.brokers.redis_blocking import BlockingLink
 from offload.message import Message, encode, new_job_id
 
 pytestmark = pytest.mark.timeout(60)
@@ -219,7 +220,7 @@ async def test_an_unreachable_server_is_the_async_paths_broker_error(broker: Red
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    broker._blocking_link = redis_broker._BlockingLink(f"redis://127.0.0.1:{port}/0")
+    broker._blocking_link = BlockingLink(f"redis://127.0.0.1:{port}/0", {}, 5.0)
     with pytest.raises(BrokerError) as caught:
         await in_thread(blocking(broker), [item()])
     message = str(caught.value)

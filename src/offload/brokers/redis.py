@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -30,17 +28,16 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import msgspec
-import redis
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.retry import Retry as SyncRetry
 
 from offload.brokers import redis_keys as keys
 from offload.brokers import redis_scripts as lua
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, lease_seconds
+from offload.brokers.redis_blocking import ENQUEUE_SHA, BlockingLink, command, evalsha
 from offload.brokers.redis_url import parse_redis_url
 from offload.errors import BrokerError, QueueFull
 from offload.job import JobInfo, JobState
@@ -96,7 +93,7 @@ class RedisBroker(Broker):
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        self._blocking_link: _BlockingLink | None = None  # enqueue_blocking's connections, made by connect()
+        self._blocking_link: BlockingLink | None = None  # enqueue_blocking's connections, made by connect()
         self._route = [self.namespace + keys.QUEUES]  # KEYS[1] of every script: the namespace's slot
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -166,7 +163,8 @@ class RedisBroker(Broker):
             )
         }
         if self._blocking_enqueues():
-            self._blocking_link = _BlockingLink(self._redis_url)  # connects when a sync sender first uses it
+            # Connects when a sync sender first uses it.
+            self._blocking_link = BlockingLink(self._redis_url, _POOL_OPTIONS, SOCKET_TIMEOUT)
         self._client = client
 
     async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
@@ -261,16 +259,16 @@ class RedisBroker(Broker):
         if bodies is not None:
 
             def send(conn: Any) -> Any:
-                return _evalsha(conn, _ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, bodies)
+                return evalsha(conn, ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, bodies)
 
         else:
             key = self._stage_key()
 
             def send(conn: Any) -> Any:
                 for chunk in _stage_chunks(items):
-                    _command(conn, "HSET", key, *(x for pair in chunk.items() for x in pair))
-                _command(conn, "EXPIRE", key, STAGE_TTL)
-                return _evalsha(conn, _ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, b"", key)
+                    command(conn, "HSET", key, *(x for pair in chunk.items() for x in pair))
+                command(conn, "EXPIRE", key, STAGE_TTL)
+                return evalsha(conn, ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, b"", key)
 
         with self._errors():
             reply = link.run(send)
@@ -476,99 +474,6 @@ def _enqueue_meta(items: Sequence[tuple[Message, bytes]]) -> tuple[bytes, bytes 
     if size > STAGE_BYTES:
         return _pack(meta), None
     return _pack(meta), b"".join([body for _, body in items])
-
-
-class _BlockingLink:
-    """enqueue_blocking's connections to Redis: redis-py Connections (hiredis parser), no event loop.
-
-    A sender takes an idle connection (or opens one), sends its commands, reads the replies and
-    puts the connection back: a list used as a stack is the whole pool, safe across threads
-    because list.pop and list.append are atomic. This skips what redis-py's own pool and command
-    layer do per call (a poll of the socket, locks, retry and observability wrappers), about half
-    the CPU of a one-job send. At most `max_connections` are in use at once (others wait, like
-    the async client's pool); a forked child opens its own.
-    """
-
-    def __init__(self, url: str) -> None:
-        # Parses the URL and its options (TLS, auth, db, timeouts) once; it never opens anything.
-        pool = redis.ConnectionPool.from_url(
-            url,
-            **{name: value for name, value in _POOL_OPTIONS.items() if name != "timeout"},
-            retry=SyncRetry(NoBackoff(), 0),  # no silent re-sends, as for the async client
-        )
-        self._connection_class = pool.connection_class
-        self._connection_kwargs = pool.connection_kwargs
-        self._slots = threading.BoundedSemaphore(pool.max_connections)
-        self._idle: list[Any] = []  # redis.connection.Connection (untyped)
-        self._pid = os.getpid()
-        self._closed = False
-
-    def run(self, send: Callable[[Any], Any]) -> Any:
-        """`send(connection)` on a connection of this process, once more on a fresh one if a
-        connection that sat idle turns out to be dead (closed by a restart or an idle timeout).
-
-        That second try is safe for enqueue only: a batch whose first attempt ran is recognised
-        by its job ids and not stored again.
-        """
-        if self._closed:
-            raise rex.ConnectionError("the broker was closed")
-        if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
-            self._idle, self._pid = [], os.getpid()
-        if not self._slots.acquire(timeout=SOCKET_TIMEOUT):
-            raise rex.ConnectionError(f"no free connection within {SOCKET_TIMEOUT:g} s")
-        try:
-            try:
-                conn, fresh = self._idle.pop(), False
-            except IndexError:
-                conn, fresh = self._connection_class(**self._connection_kwargs), True
-            try:
-                reply = send(conn)
-            except rex.ConnectionError:
-                conn.disconnect()
-                if fresh:
-                    raise
-                conn = self._connection_class(**self._connection_kwargs)
-                try:
-                    reply = send(conn)
-                except BaseException:
-                    conn.disconnect()
-                    raise
-            except rex.ResponseError:
-                self._idle.append(conn)  # an error reply was read whole: the connection is fine
-                raise
-            except BaseException:
-                conn.disconnect()  # a reply may still be on its way: never reuse it
-                raise
-            if self._closed:
-                conn.disconnect()
-            else:
-                self._idle.append(conn)
-            return reply
-        finally:
-            self._slots.release()
-
-    def close(self) -> None:
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.disconnect()
-
-
-def _command(conn: Any, *args: Any) -> Any:
-    conn.send_packed_command(conn.pack_command(*args), check_health=False)
-    return conn.read_response()
-
-
-def _evalsha(conn: Any, sha: str, script: str, route: str, *args: Any) -> Any:
-    """A script by its hash, loading it first if the server does not have it (NOSCRIPT)."""
-    try:
-        return _command(conn, "EVALSHA", sha, 1, route, *args)
-    except rex.NoScriptError:
-        _command(conn, "SCRIPT", "LOAD", script)
-        return _command(conn, "EVALSHA", sha, 1, route, *args)
-
-
-_ENQUEUE_SHA = hashlib.sha1(lua.ENQUEUE.encode(), usedforsecurity=False).hexdigest()
 
 
 def _stage_chunks(items: Sequence[tuple[Message, bytes]]) -> Iterator[dict[int, bytes]]:
