@@ -5,7 +5,10 @@
 (b) A RabbitMQ node of our own (its own node name, ports, data and log directories under
     tmp_path; the shared server is never touched) is SIGKILLed and started again during a burst
     of enqueues and processing: every acknowledged enqueue survives, the producer and the worker
-    reconnect by themselves, and every job completes.
+    reconnect by themselves, and every job completes. Just before the SIGKILL, Ra's directory of
+    queue members is synced to disk (RabbitMQ 3.10's Ra never syncs it, and a node killed seconds
+    after declaring a queue may come back with that queue leaderless for good: see
+    RabbitNode.sync_ra_directory); the queues' own logs are left as they are.
 (c) A producer dies between writing a job's record and publishing its message: a worker's
     sweeper publishes it, and the job runs once.
 (d) A worker's connections (to RabbitMQ and to the Redis state store) are cut (relays in the test
@@ -199,9 +202,42 @@ class RabbitNode:
         except psutil.NoSuchProcess:
             return []
 
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """rabbitmqctl against this node, with its environment (the Erlang cookie under HOME)."""
+        done = subprocess.run(
+            [str(Path(self.script).parent / "rabbitmqctl"), "-n", self.node, *args],
+            env=self.env,
+            cwd=self.dir,
+            capture_output=True,
+            timeout=timeout,
+        )
+        out = done.stdout.decode(errors="replace").strip()
+        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {out} {done.stderr.decode()[-2000:]}"
+        return out
+
+    def sync_ra_directory(self) -> None:
+        """Write Ra's directory of quorum queue members (names.dets) to disk now.
+
+        The Ra in RabbitMQ 3.10 (2.2) only inserts a new member's entry (queue -> its data
+        directory) into that dets table and never syncs it (dets saves it after 500 ms without
+        access to the table). A node SIGKILLed seconds after declaring a queue often comes back
+        with the table repaired but without the entry; RabbitMQ then starts the queue as a
+        brand-new empty member, which never elects a leader ("leader call - leader not known" for
+        good), and the queue's messages stay behind in the old member's directory. Later Ra
+        versions sync the table on every change (rabbitmq/ra#443); this does the same.
+        """
+        script = "#{names := #{directory_rev := Names}} = ra_system:fetch(quorum_queues), dets:sync(Names)."
+        out = self.ctl("eval", script)
+        assert out == "ok", f"syncing Ra's directory on {self.node}: {out}"
+
     def crash(self) -> None:
-        """SIGKILL the node: no shutdown; only what its quorum queues' logs hold survives."""
+        """SIGKILL the node: no shutdown; only what its quorum queues' logs hold survives.
+
+        Ra's directory of queue members is synced first (see sync_ra_directory): the crash
+        tests the queues' logs, not a RabbitMQ 3.10 bug that loses recently declared queues.
+        """
         assert self.process is not None
+        self.sync_ra_directory()
         for p in self._tree():
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
