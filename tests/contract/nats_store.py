@@ -65,7 +65,7 @@ def nats_url(tmp_path: Path) -> str:
 
 
 def cleanup(url: str) -> None:
-    """Delete the test's buckets (the job bucket and its drain-rate bucket)."""
+    """Delete the test's buckets (the job bucket and its drain-rate bucket) and its ready stream."""
     [bucket] = parse_qs(urlsplit(url).query)["bucket"]
 
     async def drop() -> None:
@@ -80,6 +80,10 @@ def cleanup(url: str) -> None:
                     await js.delete_key_value(name)
                 except NotFoundError:
                     pass
+            try:
+                await js.delete_stream(f"OFFLOAD_{bucket}")  # the ready jobs' work-queue stream
+            except NotFoundError:
+                pass
         finally:
             await nc.close()
 

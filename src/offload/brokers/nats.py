@@ -28,13 +28,14 @@ from nats.js import errors as js_errors
 
 from offload.brokers import nats_keys as k
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, lease_seconds
-from offload.brokers.nats_kv import MAX_WAIT, Entry, NatsKv
+from offload.brokers.nats_kv import MAX_WAIT, Entry
+from offload.brokers.nats_stream import NatsStream
 from offload.errors import QueueFull
 from offload.job import JobInfo, JobState
 from offload.message import Message
 
 
-class NatsBroker(NatsKv, Broker):
+class NatsBroker(NatsStream, Broker):
     # -- enqueue -------------------------------------------------------------------------------
 
     async def declare_queue(self, name: str, max_depth: int | None) -> None:
@@ -68,10 +69,14 @@ class NatsBroker(NatsKv, Broker):
         for queue, count in adding.items():
             bound = await self._max_depth(queue)
             if bound is not None:
-                depth = len(await self._scan(f"w.{k.qkey(queue)}.>", meta_only=True))
+                depth = await self._depth(queue)
                 if depth + count > bound:
                     raise QueueFull(queue, depth, bound, await self._drain_rate(queue, now))
         kv = await self._store()
+        # The consumers of new priority classes first: fetchers find the classes by their names.
+        await asyncio.gather(
+            *{self._ensure_consumer(k.qkey(m.queue), k.prio_token(m.priority)) for m, _, _ in fresh}
+        )
         base = f"{time.time_ns():019d}"
         lost: dict[str, str] = {}  # job id -> the job that claimed its key first
         for message, _, claim in fresh:
@@ -91,7 +96,7 @@ class NatsBroker(NatsKv, Broker):
                         lost[message.id] = k.load_claim(held.value).job
         out: list[Enqueued] = []
         writes: list[Any] = []
-        records: list[tuple[str, bytes]] = []
+        records: list[tuple[str, str, bytes]] = []
         fresh_iter = iter(fresh)
         for seq, result in enumerate(results):
             if result is not None:
@@ -102,7 +107,15 @@ class NatsBroker(NatsKv, Broker):
                 out.append(Enqueued(lost[message.id], created=False))
                 continue
             run_at = max(now, message.eta) if message.eta is not None else now
-            windex = k.waiting(message.queue, message.priority, f"{base}{seq:06d}", run_at, message.id)
+            delayed = run_at > now
+            windex = k.waiting(
+                message.queue,
+                message.priority,
+                f"{base}{seq:06d}",
+                run_at,
+                message.id,
+                "t" if delayed else "w",
+            )
             record = k.Record(
                 queue=message.queue,
                 task=message.task,
@@ -118,20 +131,36 @@ class NatsBroker(NatsKv, Broker):
                 body=body,
             )
             writes.append(kv.put(windex, b""))
-            records.append((message.id, k.dump(record)))
+            records.append((message.id, windex, k.dump(record)))
             out.append(Enqueued(message.id, created=True))
+            self._note(message.queue, message.priority, run_at if delayed else None)
         with self._errors():
             # The index first: a crash in between leaves an index key without a record (skipped,
             # later deleted), never a record that nothing points at.
             await asyncio.gather(*writes)
-            await asyncio.gather(*(self._create_record(job_id, data) for job_id, data in records))
+            await self._publish_ready(*(r[1] for r in records if r[1].startswith("w.")))
+            created = await asyncio.gather(
+                *(self._create_record(job_id, data) for job_id, _, data in records)
+            )
+            # A re-sent job (its record is already stored) keeps its first index key.
+            await self._delete(
+                *(index for (_, index, _), new in zip(records, created, strict=True) if not new)
+            )
         for queue in adding:
             if queue not in self._known:
                 with self._errors(), contextlib.suppress(js_errors.KeyWrongLastSequenceError):
                     await kv.create(k.queue_meta(queue), b"")
                 self._known.add(queue)
-        await self._signal(set(adding))
+        await self._signal()
         return out
+
+    async def _depth(self, queue: str) -> int:
+        """Waiting jobs, ready (w.) and delayed (t.): what max_depth bounds."""
+        q = k.qkey(queue)
+        ready, delayed = await asyncio.gather(
+            self._scan(f"w.{q}.>", meta_only=True), self._scan(f"t.{q}.>", meta_only=True)
+        )
+        return len(ready) + len(delayed)
 
     # -- fetch ---------------------------------------------------------------------------------
 
@@ -142,23 +171,30 @@ class NatsBroker(NatsKv, Broker):
         deadline = loop.time() + wait
         waiter = (frozenset(k.qkey(q) for q in queues), asyncio.Event())
         self._waiters.add(waiter)
+        force = False
         try:
             while True:
                 waiter[1].clear()
-                deliveries, next_due = await self._take(queues, limit)
+                deliveries, retry_at = await self._take(queues, limit, force)
                 remaining = deadline - loop.time()
                 if deliveries or remaining <= 0:
                     return deliveries
                 pause = min(remaining, MAX_WAIT)
-                if next_due is not None:
-                    pause = min(pause, max(0.0, next_due - time.time()) + 0.001)
-                with contextlib.suppress(TimeoutError):
+                for due in (retry_at, self._next_due(queues)):
+                    if due is not None:
+                        pause = min(pause, max(0.0, due - time.time()) + 0.001)
+                try:
                     await asyncio.wait_for(waiter[1].wait(), pause)
+                    force = False
+                except TimeoutError:
+                    force = True  # nobody told us of new work: look at leases and etas again
         finally:
             self._waiters.discard(waiter)
 
-    async def _take(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
-        call = asyncio.ensure_future(self._lease(queues, limit))
+    async def _take(
+        self, queues: Sequence[str], limit: int, force: bool
+    ) -> tuple[list[Delivery], float | None]:
+        call = asyncio.ensure_future(self._lease(queues, limit, force))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -175,57 +211,13 @@ class NatsBroker(NatsKv, Broker):
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _lease(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
-        now = time.time()
-        scans = await asyncio.gather(
-            *(self._scan(f"w.{k.qkey(q)}.>", meta_only=True) for q in queues),
-            *(self._scan(f"r.{k.qkey(q)}.>") for q in queues),
-        )
-        waiting = [e for scan in scans[: len(queues)] for e in scan]
-        running = [e for scan in scans[len(queues) :] for e in scan]
-        next_due: float | None = None
-        requeued = False
-        for entry in running:
-            expires = float(entry.value or 0)
-            if expires > now:
-                next_due = expires if next_due is None else min(next_due, expires)
-            elif await self._recover(entry.key, now):
-                requeued = True
-        if requeued:  # the recovered jobs are new waiting keys
-            scans = await asyncio.gather(*(self._scan(f"w.{k.qkey(q)}.>", meta_only=True) for q in queues))
-            waiting = [e for scan in scans for e in scan]
-        candidates: list[tuple[tuple[str, str], str, str]] = []
-        for entry in waiting:
-            order, run_at, job_id = k.parse_waiting(entry.key)
-            if run_at > now:
-                next_due = run_at if next_due is None else min(next_due, run_at)
-            else:
-                candidates.append((order, job_id, entry.key))
-        candidates.sort()
-        out: list[Delivery] = []
-        position = 0
-        while len(out) < limit and position < len(candidates):
-            # Claim as many as are wanted at once; a claim lost to another worker is replaced by
-            # the next candidate in the following round. gather keeps the priority order.
-            batch = candidates[position : position + limit - len(out)]
-            position += len(batch)
-            claimed = await asyncio.gather(*(self._claim(job_id, windex, now) for _, job_id, windex in batch))
-            out.extend(d for d in claimed if d is not None)
-        return out, next_due
-
     # -- settle --------------------------------------------------------------------------------
 
     async def settle(self, outcomes: Sequence[Settle]) -> list[bool]:
         if not outcomes:
             return []
         results = list(await asyncio.gather(*(self._settle_one(o) for o in outcomes)))
-        requeued = {
-            o.delivery.queue
-            for o, ok in zip(outcomes, results, strict=True)
-            if ok and o.kind in ("retry", "release")
-        }
-        if requeued:
-            await self._signal(requeued)
+        await self._signal()  # the requeued jobs
         return results
 
     async def _settle_one(self, outcome: Settle) -> bool:
@@ -249,11 +241,11 @@ class NatsBroker(NatsKv, Broker):
             return True
         if outcome.kind == "release":
             rec.deliv -= 1
-            return await self._to_waiting(d.job_id, rec, revision, old, now)
+            return await self._to_waiting(d.job_id, rec, revision, old, now, now)
         rec.att += 1
         rec.error = outcome.error
         if outcome.kind == "retry" and rec.deliv < rec.maxd:
-            return await self._to_waiting(d.job_id, rec, revision, old, now + outcome.delay)
+            return await self._to_waiting(d.job_id, rec, revision, old, now + outcome.delay, now)
         if outcome.kind == "retry":
             rec.error = f"max_deliveries ({rec.maxd}) reached; last error: {outcome.error}"
         return await self._to_dead(d.job_id, rec, revision, old, now)
@@ -299,6 +291,7 @@ class NatsBroker(NatsKv, Broker):
         if rec.state == JobState.RUNNING.value and rec.lease_exp <= time.time():
             # Make an expired lease visible (requeue or dead-letter) as the other brokers do.
             await self._recover(rec.index, time.time())
+            await self._signal()
             found = await self._record(job_id)
             if found is None:
                 return None
@@ -338,20 +331,24 @@ class NatsBroker(NatsKv, Broker):
 
     async def _queue_stats(self, name: str, now: float) -> QueueStats:
         q = k.qkey(name)
-        waiting, running, dead, bound, rate = await asyncio.gather(
-            self._scan(f"w.{q}.>", meta_only=True),
-            self._scan(f"r.{q}.>"),
-            self._scan(f"d.{q}.>", meta_only=True),
+        keys, bound, rate = await asyncio.gather(
+            self._scan(f"*.{q}.>", meta_only=True),  # w., t., r. and d. keys of the queue
             self._max_depth(name),
             self._drain_rate(name, now),
         )
-        delayed = sum(1 for e in waiting if k.parse_waiting(e.key)[1] > now)
+        count = {"w": 0, "t": 0, "r": 0, "d": 0}
+        delayed = 0
+        for entry in keys:
+            family = entry.key[0]
+            count[family] = count.get(family, 0) + 1
+            if family == "t" and k.parse_waiting(entry.key)[1] > now:
+                delayed += 1
         return QueueStats(
             queue=name,
-            ready=len(waiting) - delayed,
+            ready=count["w"] + count["t"] - delayed,  # a due t. key is ready, not yet promoted
             delayed=delayed,
-            running=len(running),
-            dead=len(dead),
+            running=count["r"],
+            dead=count["d"],
             max_depth=bound,
             drain_rate=rate,
         )
@@ -377,15 +374,13 @@ class NatsBroker(NatsKv, Broker):
     async def replay_dead(self, job_ids: Sequence[str] | None = None, queue: str | None = None) -> int:
         now = time.time()
         count = 0
-        queues: set[str] = set()
         for job_id, rec, revision in await self._dead(job_ids, queue):
             old = rec.index
             rec.deliv = rec.att = 0
             rec.finished = None
-            if await self._to_waiting(job_id, rec, revision, old, now):
+            if await self._to_waiting(job_id, rec, revision, old, now, now):
                 count += 1
-                queues.add(rec.queue)
-        await self._signal(queues)
+        await self._signal()
         return count
 
     async def purge_dead(self, job_ids: Sequence[str] | None = None, queue: str | None = None) -> int:
@@ -398,7 +393,11 @@ class NatsBroker(NatsKv, Broker):
 
     async def purge(self, queue: str) -> int:
         count = 0
-        for entry in await self._scan(f"w.{k.qkey(queue)}.>", meta_only=True):
+        q = k.qkey(queue)
+        scans = await asyncio.gather(
+            self._scan(f"w.{q}.>", meta_only=True), self._scan(f"t.{q}.>", meta_only=True)
+        )
+        for entry in scans[0] + scans[1]:
             job_id = k.parse_waiting(entry.key)[2]
             found = await self._record(job_id)
             if found is None or found[0].state != JobState.QUEUED.value or found[0].index != entry.key:

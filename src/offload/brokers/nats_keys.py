@@ -4,7 +4,9 @@ Everything lives in one JetStream Key-Value bucket (history 1), whose keys are N
 key family can be scanned with a subject filter:
 
     j.<id>                                   the job record (`Record`, JSON), CAS'd by revision
-    w.<queue>.<prio>.<seq>.<run_at_ms>.<id>  waiting (ready or delayed) index, sorts by priority, age
+    w.<queue>.<prio>.<seq>.<run_at_ms>.<id>  ready index: also the "job is ready" message that the
+                                             durable pull consumer of (queue, prio) hands out
+    t.<queue>.<prio>.<seq>.<run_at_ms>.<id>  delayed index (eta or retry delay), made a w. key when due
     r.<queue>.<id>                           running index; value = lease expiry (epoch seconds)
     d.<queue>.<id>                           dead-letter index; value = time of death
     x.<id>                                   finished-record expiry; value = end of its result TTL
@@ -92,14 +94,41 @@ def job(job_id: str) -> str:
     return f"j.{job_id}"
 
 
-def waiting(queue: str, priority: int, seq: str, run_at: float, job_id: str) -> str:
-    return f"w.{qkey(queue)}.{PRIO_BASE - priority:07d}.{seq}.{int(run_at * 1000):013d}.{job_id}"
+def prio_token(priority: int) -> str:
+    return f"{PRIO_BASE - priority:07d}"
+
+
+def waiting(queue: str, priority: int, seq: str, run_at: float, job_id: str, family: str = "w") -> str:
+    """A waiting job's index key: `w.` (ready) or `t.` (delayed until run_at)."""
+    return f"{family}.{qkey(queue)}.{prio_token(priority)}.{seq}.{int(run_at * 1000):013d}.{job_id}"
 
 
 def parse_waiting(key: str) -> tuple[tuple[str, str], float, str]:
-    """(sort key, run_at, job id) of a w. key."""
+    """(sort key, run_at, job id) of a w. or t. key."""
     _, _, prio, seq, run_ms, job_id = key.split(".", 5)
     return (prio, seq), int(run_ms) / 1000, job_id
+
+
+def consumer_name(queue_key: str, token: str) -> str:
+    """The durable pull consumer of one queue (as its key token) and priority class."""
+    return f"w_{queue_key}_{token}"
+
+
+def parse_consumer(name: str) -> tuple[str, str] | None:
+    """(queue key token, prio token) of a consumer made by consumer_name, else None."""
+    if not name.startswith("w_") or len(name) < 11 or name[-8] != "_" or not name[-7:].isdigit():
+        return None
+    return name[2:-8], name[-7:]
+
+
+def signal_payload(eta: float | None, tokens: set[str]) -> bytes:
+    """A wake-up signal: the earliest new eta (if any) and the priority classes with new work."""
+    return f"{'' if eta is None else repr(eta)}|{','.join(sorted(tokens))}".encode()
+
+
+def parse_signal(data: bytes) -> tuple[float | None, list[str]]:
+    eta, _, tokens = data.decode().partition("|")
+    return (float(eta) if eta else None), [t for t in tokens.split(",") if t]
 
 
 def running(queue: str, job_id: str) -> str:

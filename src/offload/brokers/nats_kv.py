@@ -68,6 +68,11 @@ class NatsKv:
         self._known: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._signal_prefix = f"_offload.{self.bucket}.sig."
+        # Per queue (as its key token): the priority classes known to have a consumer, the
+        # earliest known eta or lease expiry, and the wake-up signals to publish.
+        self._classes: dict[str, set[str]] = {}
+        self._due: dict[str, float] = {}
+        self._notes: dict[str, tuple[float | None, set[str]]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -114,6 +119,7 @@ class NatsKv:
                 js = nc.jetstream()
                 self._kv = await self._bucket(js, self.bucket, None)
                 self._drain = await self._bucket(js, f"{self.bucket}_drain", DRAIN_WINDOW)
+                await self._make_ready_stream(js)
                 await nc.subscribe(self._signal_prefix + "*", cb=self._on_signal)
             except BaseException:
                 await nc.close()
@@ -132,6 +138,14 @@ class NatsKv:
             storage=js_api.StorageType.FILE,
             replicas=self.replicas,
         )
+
+    async def _make_ready_stream(self, js: JetStreamContext) -> None:
+        """Create the work-queue stream of ready jobs (the fetch path, nats_stream)."""
+        raise NotImplementedError
+
+    async def _publish_ready(self, *keys: str) -> None:
+        """Announce ready (w.) keys on the work-queue stream (nats_stream)."""
+        raise NotImplementedError
 
     async def close(self) -> None:
         if self._background:
@@ -152,16 +166,40 @@ class NatsKv:
 
     async def _on_signal(self, msg: Msg) -> None:
         queue = msg.subject[len(self._signal_prefix) :]
+        try:
+            eta, tokens = k.parse_signal(msg.data)
+        except ValueError:
+            eta, tokens = None, []
+        self._learn(queue, eta, tokens)
         for queues, event in list(self._waiters):
             if queue in queues:
                 event.set()
 
-    async def _signal(self, queues: set[str]) -> None:
-        if self._nc is None:
+    def _learn(self, queue_key: str, eta: float | None, tokens: list[str] | set[str]) -> None:
+        """Remember a queue's priority classes and its next due time (an eta or lease expiry)."""
+        if tokens:
+            self._classes.setdefault(queue_key, set()).update(tokens)
+        if eta is not None:
+            self._due[queue_key] = min(self._due.get(queue_key, eta), eta)
+
+    def _note(self, queue: str, priority: int, run_at: float | None = None) -> None:
+        """Queue a wake-up signal: new work in this queue's priority class (delayed until run_at)."""
+        q = k.qkey(queue)
+        eta, tokens = self._notes.get(q, (None, set()))
+        if run_at is not None:
+            eta = run_at if eta is None else min(eta, run_at)
+        tokens.add(k.prio_token(priority))
+        self._notes[q] = (eta, tokens)
+        self._learn(q, run_at, tokens)
+
+    async def _signal(self) -> None:
+        """Publish the noted wake-up signals (core NATS: cheap, and a lost one costs a short wait)."""
+        notes, self._notes = self._notes, {}
+        if self._nc is None or not notes:
             return
         with self._errors():
-            for queue in queues:
-                await self._nc.publish(self._signal_prefix + k.qkey(queue), b"")
+            for q, (eta, tokens) in notes.items():
+                await self._nc.publish(self._signal_prefix + q, k.signal_payload(eta, tokens))
 
     async def _scan(
         self, pattern: str, meta_only: bool = False, markers: bool = False, bucket: str | None = None
@@ -271,20 +309,26 @@ class NatsKv:
         entry = await self._get(k.queue_meta(queue))
         return int(entry.value) if entry is not None and entry.value else None
 
-    async def _create_record(self, job_id: str, data: bytes) -> None:
+    async def _create_record(self, job_id: str, data: bytes) -> bool:
         kv = await self._store()
-        with contextlib.suppress(js_errors.KeyWrongLastSequenceError):  # re-sent: already stored
+        try:
             await kv.create(k.job(job_id), data)
+        except js_errors.KeyWrongLastSequenceError:  # re-sent: already stored
+            return False
+        return True
 
     # -- record transitions (each a CAS on the job record) -----------------------------------
 
-    async def _claim(self, job_id: str, windex: str, now: float) -> Delivery | None:
+    async def _claim(self, job_id: str, windex: str, now: float) -> Delivery | str:
+        """Lease the job of a ready key: its Delivery, "stale" (the key is debris, now deleted)
+        or "early" (the key is younger than STALE_AFTER: its writer may not have written the
+        record yet, so try again shortly)."""
         found = await self._record(job_id)
         if found is None or found[0].state != JobState.QUEUED.value or found[0].index != windex:
-            (_, seq), _, _ = k.parse_waiting(windex)
-            if now - int(seq[:19]) / 1e9 > STALE_AFTER:
+            if self._stale(windex, now):
                 await self._delete(windex)
-            return None
+                return "stale"
+            return "early"
         rec, revision = found
         rec.state = JobState.RUNNING.value
         rec.deliv += 1
@@ -295,9 +339,26 @@ class NatsKv:
         # The running key first (value: lease expiry), so a lease is always found when it expires.
         await self._put(rec.index, repr(rec.lease_exp).encode())
         if not await self._cas(k.job(job_id), k.dump(rec), revision):
-            return None
-        await self._delete(windex)
+            return "early"  # changed meanwhile (cancelled, purged): look at it again
+        self._learn(k.qkey(rec.queue), rec.lease_exp, [])
         return Delivery(job_id, rec.queue, rec.body, rec.token, rec.deliv, rec.att, rec.lease)
+
+    @staticmethod
+    def _stale(index: str, now: float) -> bool:
+        """A w./t. key written more than STALE_AFTER ago (its name holds its writer's clock)."""
+        (_, seq), _, _ = k.parse_waiting(index)
+        return now - int(seq[:19]) / 1e9 > STALE_AFTER
+
+    async def _promote(self, tindex: str, now: float) -> bool:
+        """Make a delayed job that is due ready: its t. key becomes a w. key. True if done."""
+        job_id = k.last_token(tindex)
+        found = await self._record(job_id)
+        if found is None or found[0].state != JobState.QUEUED.value or found[0].index != tindex:
+            if self._stale(tindex, now):
+                await self._delete(tindex)
+            return False
+        rec, revision = found
+        return await self._to_waiting(job_id, rec, revision, tindex, rec.run_at, now)
 
     async def _recover(self, rindex: str, now: float) -> bool:
         """Handle a running key whose lease expired: requeue or dead-letter. True if requeued."""
@@ -320,17 +381,28 @@ class NatsKv:
             )
             await self._to_dead(job_id, rec, revision, rindex, now)
             return False
-        return await self._to_waiting(job_id, rec, revision, rindex, now)
+        return await self._to_waiting(job_id, rec, revision, rindex, now, now)
 
-    async def _to_waiting(self, job_id: str, rec: k.Record, revision: int, old: str, run_at: float) -> bool:
+    async def _to_waiting(
+        self, job_id: str, rec: k.Record, revision: int, old: str, run_at: float, now: float
+    ) -> bool:
+        """Make the job wait again: ready (a w. key, handed out by its class's consumer) or, if
+        run_at is in the future, delayed (a t. key, promoted when due)."""
+        delayed = run_at > now
         rec.state = JobState.QUEUED.value
         rec.run_at = run_at
-        rec.index = k.waiting(rec.queue, rec.prio, f"{time.time_ns():019d}000000", run_at, job_id)
+        seq = f"{time.time_ns():019d}000000"
+        rec.index = k.waiting(rec.queue, rec.prio, seq, run_at, job_id, "t" if delayed else "w")
         await self._put(rec.index)
+        if not delayed:
+            # Before the record: a crash in between leaves a message that goes stale, never a
+            # ready job without one. A fetcher that sees it first looks again shortly.
+            await self._publish_ready(rec.index)
         if not await self._cas(k.job(job_id), k.dump(rec), revision):
             await self._delete(rec.index)
             return False
         await self._delete(old)
+        self._note(rec.queue, rec.prio, run_at if delayed else None)
         return True
 
     async def _to_dead(self, job_id: str, rec: k.Record, revision: int, old: str, now: float) -> bool:

@@ -1,0 +1,276 @@
+"""The NATS broker's fetch path: a work-queue stream of "job <id> is ready" messages.
+
+Each app (bucket) has a JetStream stream `OFFLOAD_<bucket>` with retention=workqueue. A job that
+becomes ready (enqueued, retried, released, recovered, promoted when due) gets a message on
+`_offload.<bucket>.ready.<queue>.<prio>` whose body is its ready key (`w.` in the KV bucket) and
+whose `Nats-Msg-Id` is that key, so a re-sent publish is stored once. One durable pull consumer
+per queue and priority class (`w_<queue>_<prio>`, explicit acks) hands the messages out, each to
+one fetcher, in the order they were published: no scan, so a fetch costs the same at any queue
+depth. The fetcher leases the job with one CAS on its KV record (fencing, lease and counters stay
+in the record), then acks the message (the stream drops it) and deletes the ready key. A message
+whose claim cannot be decided yet (its writer has published it but not yet written the record) is
+nak'ed with a short, growing delay; one whose fetcher died before acking comes back after ACK_WAIT;
+one that no longer matches its record (older than STALE_AFTER) is acked and dropped.
+
+What a consumer cannot do is done by a maintenance pass, run by fetches at most every MAINT_EVERY
+seconds per queue (and when a known eta or lease expiry is due): it recovers expired leases (their
+`r.` keys) and promotes due delayed jobs (`t.` keys) to ready ones.
+
+(Why not consumers on the KV stream itself, whose `w.` keys are already messages: nats-server
+2.9 moves a stream's consumers past undelivered messages when a subject is purged, and the KV
+design purges index keys all the time.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import math
+import time
+from collections.abc import Sequence
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+
+from offload.brokers import nats_keys as k
+from offload.brokers.base import Delivery
+from offload.brokers.nats_kv import NatsKv
+from offload.errors import BrokerError
+
+MAINT_EVERY = 1.0  # a busy fetcher recovers leases and promotes due jobs at least this often
+ACK_WAIT = 10.0  # a pulled message whose fetcher died before acking it comes back after this
+PULL_TIMEOUT = 5.0  # a pull (no_wait) is answered at once; no answer in this long is an outage
+DEDUP_WINDOW = 120.0  # Nats-Msg-Id deduplication of re-published ready keys
+READY_BACKSTOP = 10_000_000  # the stream refuses more (discard=new); the real bound is max_depth
+NAK_FIRST, NAK_MAX = 0.01, 2.0  # "not yet claimable": redelivery delay, doubling per delivery
+_END = ("404", "408", "409")  # no (more) messages, request expired, consumer busy or deleted
+
+
+class NatsStream(NatsKv):
+    def __init__(self, url: str = "nats://127.0.0.1:4222") -> None:
+        super().__init__(url)
+        self._consumers: set[str] = set()  # durable consumers known to exist
+        self._maint_at: dict[str, float] = {}  # queue key -> time of its next maintenance
+        self._maint_lock = asyncio.Lock()
+
+    @property
+    def _ready_stream(self) -> str:
+        return f"OFFLOAD_{self.bucket}"
+
+    def _ready_subject(self, queue_key: str, token: str) -> str:
+        return f"_offload.{self.bucket}.ready.{queue_key}.{token}"
+
+    async def _make_ready_stream(self, js: JetStreamContext) -> None:
+        """Create the app's work-queue stream unless it exists (then it is used as it is)."""
+        try:
+            await js.stream_info(self._ready_stream)
+            return
+        except js_errors.NotFoundError:
+            pass
+        await js.add_stream(
+            name=self._ready_stream,
+            subjects=[f"_offload.{self.bucket}.ready.>"],
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            storage=js_api.StorageType.FILE,
+            num_replicas=self.replicas,
+            discard=js_api.DiscardPolicy.NEW,
+            max_msgs=READY_BACKSTOP,
+            duplicate_window=DEDUP_WINDOW,
+        )
+
+    async def _publish_ready(self, *keys: str) -> None:
+        """Announce ready keys (w. keys) to their class's consumer; acknowledged when stored."""
+        await self._store()
+        assert self._js is not None
+        js = self._js
+        with self._errors():
+            await asyncio.gather(
+                *(
+                    js.publish(
+                        self._ready_subject(key.split(".")[1], key.split(".")[2]),
+                        key.encode(),
+                        headers={"Nats-Msg-Id": key},
+                    )
+                    for key in keys
+                )
+            )
+
+    # -- consumers -----------------------------------------------------------------------------
+
+    async def _ensure_consumer(self, queue_key: str, token: str) -> str:
+        name = k.consumer_name(queue_key, token)
+        if name in self._consumers:
+            return name
+        await self._store()
+        assert self._js is not None
+        config = js_api.ConsumerConfig(
+            durable_name=name,
+            filter_subject=self._ready_subject(queue_key, token),
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_deliver=-1,
+            max_ack_pending=-1,
+        )
+        with self._errors():
+            await self._js.add_consumer(self._ready_stream, config=config)
+        self._consumers.add(name)
+        self._classes.setdefault(queue_key, set()).add(token)
+        return name
+
+    async def _refresh_classes(self) -> None:
+        """Learn every queue's priority classes from the names of the stream's consumers."""
+        await self._store()
+        assert self._nc is not None
+        names: list[str] = []
+        with self._errors():
+            while True:
+                reply = await self._nc.request(
+                    f"$JS.API.CONSUMER.NAMES.{self._ready_stream}",
+                    json.dumps({"offset": len(names)}).encode(),
+                    timeout=PULL_TIMEOUT,
+                )
+                data = json.loads(reply.data)
+                if "error" in data:
+                    raise BrokerError(f"NATS refused to list the consumers: {data['error']}")
+                page = data.get("consumers") or []
+                names.extend(page)
+                if not page or len(names) >= data.get("total", 0):
+                    break
+        for name in names:
+            parsed = k.parse_consumer(name)
+            if parsed is not None:
+                self._consumers.add(name)
+                self._learn(parsed[0], None, [parsed[1]])
+
+    async def _pull(self, queue_key: str, token: str, batch: int) -> list[Msg]:
+        """Up to `batch` ready messages of one class, at once (no_wait: never a lingering pull)."""
+        name = await self._ensure_consumer(queue_key, token)
+        assert self._nc is not None
+        nc = self._nc
+        out: list[Msg] = []
+        with self._errors():
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            try:
+                await nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{self._ready_stream}.{name}",
+                    json.dumps({"batch": batch, "no_wait": True}).encode(),
+                    reply=inbox,
+                )
+                while len(out) < batch:
+                    msg = await sub.next_msg(timeout=PULL_TIMEOUT)
+                    status = (msg.headers or {}).get(js_api.Header.STATUS)
+                    if status is None:
+                        out.append(msg)
+                    elif status in _END or status == "503":
+                        if status in ("409", "503"):  # deleted under us: create it again next time
+                            self._consumers.discard(name)
+                        break
+            finally:
+                await sub.unsubscribe()
+        return out
+
+    # -- leasing -------------------------------------------------------------------------------
+
+    async def _lease(
+        self, queues: Sequence[str], limit: int, force: bool = False
+    ) -> tuple[list[Delivery], float | None]:
+        """Lease up to `limit` ready jobs, highest priority first, then oldest, across `queues`.
+
+        Returns them and the time something may become ready (a nak'ed message's redelivery).
+        """
+        now = time.time()
+        qkeys = list(dict.fromkeys(k.qkey(q) for q in queues))
+        await self._maintain(qkeys, now, force)
+        levels = sorted({t for q in qkeys for t in self._classes.get(q, ())})  # highest first
+        out: list[Delivery] = []
+        retry_at: float | None = None
+        for token in levels:
+            serving = [q for q in qkeys if token in self._classes.get(q, ())]
+            while len(out) < limit:
+                need = limit - len(out)
+                pulled = await asyncio.gather(*(self._pull(q, token, need) for q in serving))
+                # Across queues of one class, the oldest first (the key names hold their age);
+                # within a queue, the order the consumer gave.
+                merged = list(heapq.merge(*pulled, key=_age)) if len(pulled) > 1 else pulled[0]
+                taken, spare = merged[:need], merged[need:]
+                for msg in spare:
+                    await msg.nak()  # another queue's older job won; redelivered first
+                claimed = await asyncio.gather(*(self._claim_msg(msg, now) for msg in taken))
+                for result in claimed:
+                    if isinstance(result, Delivery):
+                        out.append(result)
+                    elif result is not None:
+                        retry_at = result if retry_at is None else min(retry_at, result)
+                if all(len(p) < need for p in pulled):
+                    break  # every consumer of this class ran dry
+            if len(out) >= limit:
+                break
+        if self._notes:
+            await self._signal()
+        return out, retry_at
+
+    async def _claim_msg(self, msg: Msg, now: float) -> Delivery | float | None:
+        """Claim a pulled message's job: the Delivery, None (dropped) or when to look again."""
+        key = msg.data.decode()
+        job_id = k.last_token(key)
+        result: Delivery | str = await self._claim(job_id, key, now)
+        if isinstance(result, Delivery):
+            await msg.ack()
+            await self._delete(key)
+            return result
+        if result == "stale":
+            await msg.ack()
+            return None
+        delivered: int = msg.metadata.num_delivered
+        delay: float = min(NAK_MAX, NAK_FIRST * 2 ** max(0, delivered - 1))
+        await msg.nak(delay=delay)
+        return now + delay
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    async def _maintain(self, qkeys: list[str], now: float, force: bool) -> None:
+        due = [q for q in qkeys if force or self._maint_at.get(q, 0.0) <= now]
+        if not due or self._maint_lock.locked():
+            return
+        async with self._maint_lock:
+            await self._refresh_classes()
+            await asyncio.gather(*(self._maintain_queue(q, now) for q in due))
+            await self._signal()
+
+    async def _maintain_queue(self, q: str, now: float) -> None:
+        """Recover the queue's expired leases and promote its due delayed jobs."""
+        running, timers = await asyncio.gather(self._scan(f"r.{q}.>"), self._scan(f"t.{q}.>", meta_only=True))
+        next_due = math.inf
+        work = []
+        for entry in running:
+            expires = float(entry.value or 0)
+            if expires > now:
+                next_due = min(next_due, expires)
+            else:
+                work.append(self._recover(entry.key, now))
+        for entry in timers:
+            run_at = k.parse_waiting(entry.key)[1]
+            if run_at > now:
+                next_due = min(next_due, run_at)
+            else:
+                work.append(self._promote(entry.key, now))
+        await asyncio.gather(*work)
+        if math.isfinite(next_due):
+            self._due[q] = next_due
+        else:
+            self._due.pop(q, None)
+        self._maint_at[q] = min(now + MAINT_EVERY, next_due)
+
+    def _next_due(self, queues: Sequence[str]) -> float | None:
+        """The earliest known eta or lease expiry of these queues."""
+        dues = [self._due[q] for q in (k.qkey(name) for name in queues) if q in self._due]
+        return min(dues) if dues else None
+
+
+def _age(msg: Msg) -> str:
+    return msg.data.decode().split(".")[3]  # w.<queue>.<prio>.<seq>.<run_at_ms>.<id>
