@@ -15,6 +15,7 @@ from offload.maintenance import Maintenance
 from offload.message import DEFAULT_MAX_MESSAGE_BYTES, Message, encode
 from offload.portal import Portal
 from offload.retry import RetryPolicy
+from offload.send_batching import SendBatcher
 from offload.task import Executor, Task, TaskConfig, check_queue_name
 
 P = ParamSpec("P")
@@ -58,6 +59,7 @@ class App:
         self._brokers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = (
             weakref.WeakKeyDictionary()
         )
+        self._batchers: weakref.WeakKeyDictionary[Broker, SendBatcher] = weakref.WeakKeyDictionary()
         self.webhook_secret = webhook_secret
         self.completion_hooks: list[CompletionHook] = []
         # Queues every worker of this app serves besides the ones it is given (notifications).
@@ -165,7 +167,11 @@ class App:
         """Close this event loop's broker connection."""
         pending = self._brokers.pop(asyncio.get_running_loop(), None)
         if pending is not None and pending.done() and not pending.exception():
-            await pending.result().close()
+            broker = pending.result()
+            batcher = self._batchers.pop(broker, None)
+            if batcher is not None:
+                batcher.close()
+            await broker.close()
 
     def close(self) -> None:
         """Close the sync API's broker connection and its thread."""
@@ -182,11 +188,20 @@ class App:
         """
         items = [(m, encode(m, self.max_message_bytes)) for m in messages]
         broker = await self.broker()
+        if len(items) <= SEND_BATCH and broker.batches_enqueue_calls:
+            return self._jobs(items, await self._batcher(broker).enqueue(items))
         jobs: list[Job[Any]] = []
         for start in range(0, len(items), SEND_BATCH):
             batch = items[start : start + SEND_BATCH]
             jobs.extend(self._jobs(batch, await broker.enqueue(batch)))
         return jobs
+
+    def _batcher(self, broker: Broker) -> SendBatcher:
+        """The send batcher of the running loop's broker (sends on one loop share round trips)."""
+        batcher = self._batchers.get(broker)
+        if batcher is None:
+            batcher = self._batchers[broker] = SendBatcher(broker)
+        return batcher
 
     def send_many(self, messages: Sequence[Message]) -> list[Job[Any]]:
         """Enqueue many jobs from sync code; see `send_many_async`."""

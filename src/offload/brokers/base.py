@@ -16,7 +16,7 @@ import abc
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from offload.job import JobInfo, JobState
 from offload.message import Message, decode, decode_value
@@ -111,6 +111,25 @@ class Broker(abc.ABC):
         An item whose idempotency key is held by a job enqueued within that key's window is not
         stored; its result names the existing job.
         """
+
+    # Set by a broker whose `enqueue_calls` does several calls in one round trip or transaction:
+    # then App gathers concurrent sends into batches for it (offload/send_batching.py).
+    batches_enqueue_calls: bool = False
+
+    async def enqueue_calls(
+        self, calls: Sequence[Sequence[tuple[Message, bytes]]]
+    ) -> Sequence[list[Enqueued] | Exception]:
+        """Several independent `enqueue` calls at once, each all-or-nothing on its own.
+
+        Returns each call's outcome in order: its results, or the exception that call raised
+        (QueueFull for a call that would pass a bound; the calls after it still run). This
+        default runs the calls concurrently, each as its own `enqueue`.
+        """
+        outcomes = await asyncio.gather(*(self.enqueue(items) for items in calls), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+        return cast(list[list[Enqueued] | Exception], outcomes)
 
     @abc.abstractmethod
     async def fetch(self, queues: Sequence[str], limit: int, wait: float) -> list[Delivery]:

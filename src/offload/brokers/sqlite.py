@@ -31,7 +31,7 @@ from offload.brokers.base import (
     Settle,
     job_info_from_row,
 )
-from offload.brokers.sqlite_enqueue import EnqueueBatcher, Outcome, enqueue_calls_op, outcome_of
+from offload.brokers.sqlite_enqueue import Outcome, enqueue_calls_op, outcome_of
 from offload.brokers.sqlite_schema import connect
 from offload.brokers.sqlite_writer import GroupCommitWriter
 from offload.brokers.wakeup import WakeListener, WakeSender
@@ -83,7 +83,6 @@ class SqliteBroker(Broker):
         self.path, self.durability = parse_sqlite_url(url)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self._writer: GroupCommitWriter | None = None
-        self._batcher: EnqueueBatcher | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._sender: WakeSender | None = None
@@ -101,7 +100,6 @@ class SqliteBroker(Broker):
         self._read_conn = await asyncio.to_thread(connect, self.path, sync)
         self._sender = WakeSender(self.path)
         self._writer = GroupCommitWriter(write_conn, self._after_commit, sync)
-        self._batcher = EnqueueBatcher(self._writer, _drain_rate)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="offload-sqlite-reader")
 
     async def close(self) -> None:
@@ -110,9 +108,6 @@ class SqliteBroker(Broker):
             self._listener = None
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            if self._batcher is not None:
-                self._batcher.close()
-                self._batcher = None
             await asyncio.to_thread(writer.close)
         if self._reader is not None:
             reader, self._reader = self._reader, None
@@ -156,11 +151,19 @@ class SqliteBroker(Broker):
 
         await self._write(op)
 
+    batches_enqueue_calls = True  # one writer operation for many calls (sqlite_enqueue)
+
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
-        if self._batcher is None:
-            await self.connect()
-        assert self._batcher is not None
-        return await self._batcher.enqueue(items)
+        [outcome] = await self.enqueue_calls([items])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def enqueue_calls(
+        self, calls: Sequence[Sequence[tuple[Message, bytes]]]
+    ) -> Sequence[list[Enqueued] | Exception]:
+        outcomes: list[Outcome] = await self._write(enqueue_calls_op(calls, _drain_rate), wakes=True)
+        return outcomes
 
     def enqueue_blocking(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
         """`enqueue` for a sync caller on any thread, straight to the writer thread.

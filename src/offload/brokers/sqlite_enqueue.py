@@ -1,11 +1,10 @@
-"""Enqueue for the SQLite broker: many callers' sends written as one operation.
+"""Enqueue for the SQLite broker: several callers' sends written as one operation.
 
-An API server answering hundreds of submits at once calls `enqueue` once per request. Handing
-each call to the writer thread on its own costs a savepoint, a bound check, an INSERT and two
-thread wake-ups per job, which made a durable submit several times dearer than the HTTP work
-around it (bench/api_bench.py). `EnqueueBatcher` instead collects the calls made on one event
-loop during one loop iteration and hands them to the writer as a single operation, which then
-answers all of them with one wake-up of the loop.
+App gathers the sends made concurrently on one event loop (offload/send_batching.py) and hands
+them to `SqliteBroker.enqueue_calls`, which writes them with one operation of the group-commit
+writer: one thread hand-off, one bound check per queue, a few multi-row INSERTs and one loop
+wake-up, instead of all that per call, which made a durable HTTP submit several times dearer
+than the HTTP work around it (bench/api_bench.py).
 
 Joining calls must not join their fates: each call stays all-or-nothing on its own. The
 operation decides every call's bound check and idempotency keys before it writes anything, in
@@ -15,19 +14,14 @@ stop the calls after it; the rows of the accepted calls are then inserted togeth
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 from offload.brokers.base import Enqueued, lease_seconds
-from offload.brokers.sqlite_writer import GroupCommitWriter
-from offload.errors import BrokerError, QueueFull
+from offload.errors import QueueFull
 from offload.message import Message
-
-CLOSED_BEFORE_WRITE = "the SQLite broker was closed before this enqueue was written; nothing was stored"
 
 Items = Sequence[tuple[Message, bytes]]
 Outcome = list[Enqueued] | QueueFull
@@ -157,96 +151,3 @@ def outcome_of(outcome: Outcome) -> list[Enqueued]:
     if isinstance(outcome, QueueFull):
         raise outcome
     return outcome
-
-
-class EnqueueBatcher:
-    """Joins the enqueue calls made on one event loop into as few writer operations as it can.
-
-    At most one operation is with the writer at a time: calls made meanwhile wait in `_pending`
-    and go together as the next one as soon as it is answered. The writer could not start them
-    any sooner (it runs one transaction at a time), and handing it one operation per loop
-    iteration instead cost a thread wake-up and GIL hand-over per handful of requests.
-    """
-
-    def __init__(self, writer: GroupCommitWriter, drain_rate: DrainRate) -> None:
-        self._writer = writer
-        self._drain_rate = drain_rate
-        self._pending: list[Call] = []
-        self._in_flight = False
-        self._scheduled = False
-        self._closed = False
-
-    async def enqueue(self, items: Items) -> list[Enqueued]:
-        if self._closed:
-            raise BrokerError("the SQLite broker is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Enqueued]] = loop.create_future()
-        self._pending.append((items, future))
-        if not self._in_flight and not self._scheduled:
-            # After the callbacks already due in this iteration, so that the other requests
-            # whose bodies arrived together join this operation.
-            self._scheduled = True
-            loop.call_soon(self._flush, loop)
-        return await future
-
-    def close(self) -> None:
-        """Refuse new calls; calls not yet handed to the writer fail (nothing of theirs is written)."""
-        self._closed = True
-        pending, self._pending = self._pending, []
-        for _, future in pending:
-            if not future.done():
-                future.set_exception(
-                    BrokerError("the SQLite broker was closed before this enqueue was written")
-                )
-
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduled = False
-        # A caller cancelled before this point is left out: its jobs are never written.
-        calls = [(items, future) for items, future in self._pending if not future.done()]
-        self._pending = []
-        if not calls:
-            return
-        self._in_flight = True
-        try:
-            done = self._writer.submit(
-                enqueue_calls_op([items for items, _ in calls], self._drain_rate), wakes=True
-            )
-        except BaseException:
-            self._in_flight = False
-            raise
-        done.add_done_callback(lambda finished: _call_soon(loop, self._answer, loop, calls, finished))
-
-    def _answer(
-        self, loop: asyncio.AbstractEventLoop, calls: list[Call], finished: Future[list[Outcome]]
-    ) -> None:
-        """On the loop, once per operation: hand each caller its outcome, then send the next."""
-        self._in_flight = False
-        _answer(calls, finished)
-        if self._pending and not self._closed:
-            self._flush(loop)
-
-
-Call = tuple[Items, "asyncio.Future[list[Enqueued]]"]
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop closed while the write ran: nobody is waiting any more
-        pass
-
-
-def _answer(calls: list[Call], finished: Future[list[Outcome]]) -> None:
-    """Each caller's own outcome: its jobs, its QueueFull, or the operation's error."""
-    error = finished.exception()
-    for index, (_, future) in enumerate(calls):
-        if future.done():  # cancelled meanwhile; its jobs were written (like any late cancel)
-            continue
-        if error is not None:
-            future.set_exception(error)
-            continue
-        outcome = finished.result()[index]
-        if isinstance(outcome, QueueFull):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
