@@ -170,7 +170,7 @@ class App:
             broker = pending.result()
             batcher = self._batchers.pop(broker, None)
             if batcher is not None:
-                batcher.close()
+                await batcher.close()
             await broker.close()
 
     def close(self) -> None:

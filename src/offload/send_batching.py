@@ -51,8 +51,10 @@ class SendBatcher:
             loop.call_soon(self._flush)
         return await future
 
-    def close(self) -> None:
-        """Refuse new calls; calls not yet handed to the broker fail (nothing of theirs is sent)."""
+    async def close(self) -> None:
+        """Refuse new calls, fail those not yet handed to the broker (nothing of theirs is sent),
+        and wait for the batch with the broker to be answered, so that closing the broker next
+        does not cut it off."""
         self._closed = True
         pending, self._pending = self._pending, []
         for _, future in pending:
@@ -60,6 +62,8 @@ class SendBatcher:
                 future.set_exception(
                     BrokerError("the broker connection was closed before this send was handed to it")
                 )
+        if self._sending is not None:
+            await asyncio.wait([self._sending])
 
     def _flush(self) -> None:
         self._scheduled = False

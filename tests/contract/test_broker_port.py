@@ -437,3 +437,21 @@ async def test_job_record_keeps_the_send_options(broker: Broker) -> None:
     await broker.settle([Settle(delivery, "dead", error="boom")])
     [dead] = await broker.dead_jobs("default")
     assert dead.id == job_id and dead.options == {"webhook": "https://example.com/hook"}
+
+
+async def test_enqueue_calls_keeps_each_call_all_or_nothing(broker: Broker) -> None:
+    """Several calls at once (how App sends concurrent sends), applied in order, each whole."""
+    await broker.declare_queue("calls", 3)
+    pair, pair2, single = (
+        [item(queue="calls") for _ in range(2)],
+        [item(queue="calls") for _ in range(2)],
+        [item(queue="calls")],
+    )
+    outcomes = await broker.enqueue_calls([pair, pair2, [], single])
+
+    assert isinstance(outcomes[0], list) and all(e.created for e in outcomes[0])
+    assert isinstance(outcomes[1], QueueFull)  # 2 + 2 > 3: refused whole, and the rest go on
+    assert outcomes[2] == []
+    assert isinstance(outcomes[3], list) and outcomes[3][0].created
+    [stats] = await broker.stats(["calls"])
+    assert stats.depth == 3

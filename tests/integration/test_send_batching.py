@@ -9,14 +9,21 @@ from typing import Any
 
 import pytest
 
+from contract import redis_store
 from offload import App, BrokerError, QueueFull
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[App]:
-    a = App(f"sqlite:///{tmp_path / 'offload.db'}", name="batching")
+@pytest.fixture(params=["sqlite", "redis"])
+async def app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[App]:
+    """An App on a broker that batches calls: SQLite (one writer operation), Redis (one pipeline)."""
+    if request.param == "redis":
+        url = redis_store.redis_url(tmp_path)
+        request.addfinalizer(lambda: redis_store.cleanup(url))
+    else:
+        url = f"sqlite:///{tmp_path / 'offload.db'}"
+    a = App(url, name="batching")
     a.queue("small", max_depth=3)
 
     @a.task(name="t.add")

@@ -16,7 +16,7 @@ import abc
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from offload.job import JobInfo, JobState
 from offload.message import Message, decode, decode_value
@@ -119,17 +119,19 @@ class Broker(abc.ABC):
     async def enqueue_calls(
         self, calls: Sequence[Sequence[tuple[Message, bytes]]]
     ) -> Sequence[list[Enqueued] | Exception]:
-        """Several independent `enqueue` calls at once, each all-or-nothing on its own.
+        """Several independent `enqueue` calls at once, applied in order, each all-or-nothing.
 
         Returns each call's outcome in order: its results, or the exception that call raised
         (QueueFull for a call that would pass a bound; the calls after it still run). This
-        default runs the calls concurrently, each as its own `enqueue`.
+        default makes one `enqueue` after another.
         """
-        outcomes = await asyncio.gather(*(self.enqueue(items) for items in calls), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                raise outcome
-        return cast(list[list[Enqueued] | Exception], outcomes)
+        outcomes: list[list[Enqueued] | Exception] = []
+        for items in calls:
+            try:
+                outcomes.append(await self.enqueue(items))
+            except Exception as exc:  # noqa: BLE001 - that call's outcome, handed to its caller
+                outcomes.append(exc)
+        return outcomes
 
     @abc.abstractmethod
     async def fetch(self, queues: Sequence[str], limit: int, wait: float) -> list[Delivery]:

@@ -94,6 +94,8 @@ class RedisBroker(Broker):
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._blocking_link: BlockingLink | None = None  # enqueue_blocking's connections, made by connect()
+        # Concurrent sends reach enqueue_calls together: one pipelined round trip for all.
+        self.batches_enqueue_calls = self._batches_in_scripts()
         self._route = [self.namespace + keys.QUEUES]  # KEYS[1] of every script: the namespace's slot
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -231,6 +233,39 @@ class RedisBroker(Broker):
                 await cast(Any, client.expire(key, STAGE_TTL))
             reply = await self._run("ENQUEUE", [meta, b"", key])
         return _enqueued(items, reply)
+
+    async def enqueue_calls(
+        self, calls: Sequence[Sequence[tuple[Message, bytes]]]
+    ) -> Sequence[list[Enqueued] | Exception]:
+        """The calls' ENQUEUE scripts in one pipelined round trip (no MULTI: each script is atomic
+        on its own, so each call stays all-or-nothing and a refused one stops no other)."""
+        prepared = [_enqueue_meta(items) if items else None for items in calls]
+        if not self._batches_in_scripts() or any(p is not None and p[1] is None for p in prepared):
+            return await super().enqueue_calls(calls)  # a subclass's own enqueue, or a staged batch
+        client = await self._redis()
+        script = self._scripts["ENQUEUE"]
+        with self._errors():
+            pipe = client.pipeline(transaction=False)
+            for p in prepared:
+                if p is not None:
+                    meta, bodies = p
+                    await script(keys=self._route, args=[self.namespace, meta, bodies or b""], client=pipe)
+            replies = iter(await pipe.execute(raise_on_error=False))
+        outcomes: list[list[Enqueued] | Exception] = []
+        for items, p in zip(calls, prepared, strict=True):
+            reply = next(replies) if p is not None else []
+            try:
+                if isinstance(reply, Exception):
+                    with self._errors():
+                        raise reply
+                outcomes.append(_enqueued(items, reply) if p is not None else [])
+            except (QueueFull, BrokerError) as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _batches_in_scripts(self) -> bool:
+        """Whether this class enqueues with just the script (not RabbitMQ, which publishes too)."""
+        return self._blocking_enqueues()
 
     @property
     def enqueue_blocking(self) -> Callable[[Sequence[tuple[Message, bytes]]], list[Enqueued]] | None:
