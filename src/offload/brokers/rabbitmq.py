@@ -3,55 +3,59 @@
     amqp://guest:guest@127.0.0.1:5672/?state=redis://127.0.0.1:6379/0&prefix=offload
 
 RabbitMQ is the transport: every job is a persistent message in a quorum queue (one per priority
-class, see rabbitmq_link), published with publisher confirms, taken with `basic.get` and acked
-by hand once its outcome is recorded. RabbitMQ cannot answer the rest of the port (job records,
-results, fencing tokens, idempotency keys, the DLQ, drain rate), so the records live in the Redis
-broker's format under the `state` URL and the Redis broker's scripts answer those methods; this
-class inherits them and replaces the parts that move jobs.
+class, see rabbitmq_link), published with publisher confirms. RabbitMQ cannot answer the rest of
+the port (job records, results, leases, fencing tokens, idempotency keys, the DLQ, drain rate), so
+the records live in the Redis broker's format under the `state` URL and the Redis broker's
+scripts answer those methods; this class inherits them and replaces the parts that move jobs.
 
 Enqueue order (the crash window between the two stores): the record is written first, in the
-same MULTI/EXEC as a mark "publish not confirmed" (UNPUBLISHED); then the message is published
-and confirmed; then the mark is removed. A producer that dies in between leaves a marked record,
-and a sweeper (run by every fetching process, every SWEEP_EVERY seconds) re-publishes records
-marked longer than `republish_after` seconds. Publishing first instead would leave a message
-whose record may never come (a refused idempotency key, a full queue, the producer dying), and
-a fetch could not tell "not written yet" from "never will be" (nor from purged or cancelled)
-without a clock-based guess; a record-first sweep only ever adds a duplicate message, which the
-claim below already tolerates.
+same MULTI/EXEC as a mark "publish not confirmed" (UNPUBLISHED); then the messages are published
+and confirmed; then the mark is removed (in the background: the send returns on the confirm). A
+producer that dies in between leaves a marked record, and a sweeper (run by every fetching
+process, every SWEEP_EVERY seconds) re-publishes records marked longer than `republish_after`
+seconds. Publishing first instead would leave a message whose record may never come (a refused
+idempotency key, a full queue, the producer dying), and a fetch could not tell "not written yet"
+from "never will be" (nor from purged or cancelled) without a clock-based guess; a record-first
+sweep only ever adds a duplicate message, which the claim below already tolerates.
 
-A fetch asks the state store which priority classes hold ready jobs (HINT), takes messages from
-those with `basic.get` (highest class first; queues of one class in turn), then claims them in
-one script (CLAIM): it checks the record, counts the delivery, issues the fencing token. A
-message whose job is finished, cancelled, purged or unknown is acked and dropped; one that
-arrives early (a delay bucket is coarser than the eta, or RabbitMQ redelivered a job whose lease
-is still live) goes back to a delay bucket. Leases are enforced by the fetching process: when one
-runs out, the message is re-published and then acked, so it is deliverable again; if the process
-dies, RabbitMQ redelivers at once and the claim waits out the lease. Settles are checked against
-the token in the state store before the AMQP message is touched: a stale ack changes nothing.
-Every re-publish comes before the ack of the message it replaces, so a crash between the two
-leaves a duplicate, never nothing.
+Fetching (rabbitmq_consume): long-lived consumers on the fetched queues' priority classes push
+messages into a small local buffer (QoS prefetch sized from the fetch limit). A fetch takes up
+to `limit` of them, highest class first, claims them in one script (CLAIM: checks the record,
+counts the delivery, issues the fencing token) and acks them right away: from then on the Redis
+lease protects the job, as in the Redis broker. When the buffer holds fewer than `limit`, the
+fetch first looks (HINT) where the state store sees ready jobs and takes the rest with
+`basic.get`, so a fetch sees what was sent before it. A message whose job is finished,
+cancelled, purged or unknown is acked and dropped; one that arrives early (a delay bucket is
+coarser than the eta, or a duplicate of a job whose lease is live) goes back to a delay bucket.
 
-Why `basic.get` and not a consumer with prefetch = free slots: see docs/brokers/rabbitmq.md.
+Leases: an expired lease is recovered in the state store (STRANDED: requeued, or dead-lettered
+past max_deliveries, and marked "publish not confirmed") and its job published anew: by the
+holder's own timer, by any waiting fetch that sees it, and by every process's sweeper. A retry
+or release is recorded with the same mark before its message is published. Settles are checked
+against the token in the state store: a stale one changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import aio_pika.abc
 import aio_pika.exceptions
 import msgspec
+from redis import exceptions as rex
 
 from offload.brokers import rabbitmq_scripts as rlua
-from offload.brokers import redis_keys as keys
 from offload.brokers.base import Delivery, Enqueued, Settle
+from offload.brokers.rabbitmq_consume import Arrival, Inbox
 from offload.brokers.rabbitmq_link import AMQP_ERRORS, AmqpLink
+from offload.brokers.rabbitmq_sweep import Sweeper
 from offload.brokers.rabbitmq_url import AMQP_NAMES, CLASSES, UNPUBLISHED, parse_rabbitmq_url
 from offload.brokers.redis import RedisBroker
 from offload.errors import BrokerError, QueueFull
@@ -61,26 +65,20 @@ __all__ = ["AMQP_NAMES", "RabbitMQBroker"]
 
 log = logging.getLogger(__name__)
 
-MAX_BLOCK = 1.0  # a waiting fetch re-checks this often (delay buckets arrive without a signal)
-MIN_BLOCK = 0.02
-SLEEP_BELOW = 0.15  # shorter pauses are slept: Redis's BLPOP timeout is only as fine as its hz
-FULL_LOOK_EVERY = 5.0  # seconds between fetches that look in every class (strays, duplicates)
-SWEEP_EVERY = 5.0  # seconds between sweeps (unconfirmed publishes, the poison queue)
-SWEEP_BATCH = 500
-# A lease expired this long ago whose job nobody claimed is recovered by the sweeper (STRANDED):
-# the worker holding its message is cut off or frozen. The holder's own lease timer, when it
-# runs, gets there first (at lease + 0.05 s), so a live worker's expiry adds no extra message.
-STRANDED_AFTER = 1.0
+MAX_BLOCK = 1.0  # a waiting fetch looks again this often (a class nobody consumes yet, leases)
+DUE_BLOCK = 0.05  # ... and at least this long after a look that found something due
+FULL_LOOK_EVERY = 5.0  # seconds between looks that consume every declared class of the queues
+PREFETCH_PER_SLOT = 2  # each consumer's prefetch: this many messages per slot of the fetch limit
+
+# Job ids a SETTLE marks "publish not confirmed" in its transaction (retries and releases).
+_MARK: contextvars.ContextVar[Sequence[str]] = contextvars.ContextVar("offload_rabbitmq_mark", default=())
 
 
 @dataclass
-class _Held:
-    """An AMQP message this process took, and the lease it is under."""
+class _Lease:
+    """A lease this process holds: the job's class (for a re-publish) and its expiry timer."""
 
-    message: aio_pika.abc.AbstractIncomingMessage
-    queue: str
     prio: int
-    token: int
     timer: asyncio.TimerHandle | None = None
 
 
@@ -92,10 +90,14 @@ class RabbitMQBroker(RedisBroker):
         self.options = options
         self.max_length = options.max_length
         self._link = AmqpLink(options, self._remember)
-        self._held: dict[tuple[str, int], _Held] = {}
+        self._inbox = Inbox(self._link)
+        self._leases: dict[tuple[str, int], _Lease] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._last_sweep = 0.0
         self._last_full_look = 0.0
+        self._limit = 1  # the largest fetch limit seen: the worker's concurrency
+        self._unmarking: list[str] = []
+        self._unmarker: asyncio.Task[Any] | None = None
+        self._sweeper = Sweeper(self._run, self._link, self._published, self._spawn, options)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -105,6 +107,7 @@ class RabbitMQBroker(RedisBroker):
         for name in ("CLAIM", "ROLLBACK", "ROUTE", "MARK", "SWEEP", "HINT", "POISON", "STRANDED"):
             if name not in self._scripts:
                 self._scripts[name] = client.register_script(getattr(rlua, name))
+        await self._load_scripts()
         if not self._link.open:
             try:
                 await self._link.channel()
@@ -112,15 +115,31 @@ class RabbitMQBroker(RedisBroker):
                 await super().close()
                 raise
 
+    async def _load_scripts(self) -> None:
+        """The scripts sent inside MULTI/EXEC (as EVALSHA, without redis-py's SCRIPT EXISTS)."""
+        client = await self._redis()
+        with self._errors():
+            async with client.pipeline(transaction=False) as pipe:
+                for name in ("MARK", "ENQUEUE", "SETTLE"):
+                    pipe.script_load(self._scripts[name].script)
+                await pipe.execute()
+
     async def close(self) -> None:
-        for held in self._held.values():
-            if held.timer is not None:
-                held.timer.cancel()
-        self._held.clear()  # the channel's close hands unacked messages back to RabbitMQ
-        if self._tasks:
+        for lease in self._leases.values():
+            if lease.timer is not None:
+                lease.timer.cancel()
+        self._leases.clear()
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._inbox.close()  # hands the buffer back
         await self._link.close()
         await super().close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _remember(self, queue: str | None, names: list[str], classes: list[int]) -> None:
         client = await self._redis()
@@ -132,30 +151,52 @@ class RabbitMQBroker(RedisBroker):
                 await pipe.execute()
 
     async def _run(self, name: str, args: Sequence[Any]) -> Any:
-        if name != "ENQUEUE":
-            return await super()._run(name, args)
-        # The Redis broker's enqueue script, in one transaction with the "not published yet"
-        # mark of its ids (see the module docstring): no record ever exists unmarked.
-        ids = [item[0] for item in msgspec.msgpack.decode(args[0])]
-        client = await self._redis()
-        with self._errors():
-            async with client.pipeline(transaction=True) as pipe:
-                await self._scripts["MARK"](keys=self._route, args=[self.namespace, *ids], client=pipe)
-                await self._scripts["ENQUEUE"](keys=self._route, args=[self.namespace, *args], client=pipe)
-                _, reply = await pipe.execute()
-        return reply
+        if name == "ENQUEUE":
+            # The Redis broker's enqueue script, in one transaction with the "not published yet"
+            # mark of its ids (see the module docstring): no record ever exists unmarked.
+            return await self._marked([item[0] for item in msgspec.msgpack.decode(args[0])], name, args)
+        if name == "SETTLE" and (ids := _MARK.get()):
+            return await self._marked(ids, name, args)
+        return await super()._run(name, args)
 
-    async def _published(self, ids: Sequence[str], queues: Sequence[str]) -> None:
-        """Confirmed by RabbitMQ: unmark the ids and wake fetches waiting on their queues."""
+    async def _marked(self, ids: Sequence[str], name: str, args: Sequence[Any]) -> Any:
+        client = await self._redis()
+        route, space = self._route[0], self.namespace
+        for attempt in (1, 2):
+            with self._errors():
+                try:
+                    async with client.pipeline(transaction=True) as pipe:
+                        pipe.evalsha(self._scripts["MARK"].sha, 1, route, space, *ids)
+                        pipe.evalsha(self._scripts[name].sha, 1, route, space, *args)
+                        _, reply = await pipe.execute()
+                    return reply
+                except rex.NoScriptError:
+                    if attempt == 2:
+                        raise
+            await self._load_scripts()  # Redis restarted or flushed its scripts
+
+    async def _published(self, ids: Sequence[str]) -> None:
+        """Confirmed by RabbitMQ: unmark the ids."""
+        if not ids:
+            return
         client = await self._redis()
         with self._errors():
-            async with client.pipeline(transaction=False) as pipe:
-                if ids:
-                    pipe.zrem(self.namespace + UNPUBLISHED, *ids)
-                for q in dict.fromkeys(queues):
-                    pipe.lpush(self.namespace + keys.SIGNAL + q, "1")
-                    pipe.ltrim(self.namespace + keys.SIGNAL + q, 0, keys.SIGNAL_CAP - 1)
-                await pipe.execute()
+            await client.zrem(self.namespace + UNPUBLISHED, *ids)
+
+    def _unmark_later(self, ids: Sequence[str]) -> None:
+        """Unmark confirmed ids in the background, many sends' at once. If this never happens,
+        a sweeper publishes them again after `republish_after`: duplicates, dropped at claim."""
+        self._unmarking.extend(ids)
+        if self._unmarker is None or self._unmarker.done():
+            self._unmarker = self._spawn(self._unmark())
+
+    async def _unmark(self) -> None:
+        while self._unmarking:
+            ids, self._unmarking = self._unmarking, []
+            try:
+                await self._published(ids)
+            except Exception as exc:  # noqa: BLE001 - see _unmark_later
+                log.warning("unmarking %d confirmed publish(es) failed: %s", len(ids), exc)
 
     # -- enqueue -------------------------------------------------------------------------------
 
@@ -172,6 +213,7 @@ class RabbitMQBroker(RedisBroker):
         try:
             for m, _ in fresh:  # declarations first, so the publishes below go out in order
                 await self._link.declare(m.queue, min(9, max(0, m.priority)))
+            # Every message is sent before any confirm is awaited: one round trip for the batch.
             await asyncio.gather(
                 *(
                     self._link.publish(m.id, m.queue, m.priority, body, (m.eta or now) - now)
@@ -188,250 +230,225 @@ class RabbitMQBroker(RedisBroker):
                 [stats] = await self.stats([fresh[0][0].queue])
                 raise QueueFull(stats.queue, stats.depth, self.max_length, stats.drain_rate) from exc
             raise
-        await self._published([m.id for m, _ in fresh], [m.queue for m, _ in fresh])
+        self._unmark_later([m.id for m, _ in fresh])
         return results
 
     # -- fetch ---------------------------------------------------------------------------------
 
+    def _names(self, queues: Sequence[str]) -> list[str]:
+        return [self._link.name(q, p) for p in range(9, -1, -1) for q in queues]
+
     async def fetch(self, queues: Sequence[str], limit: int, wait: float) -> list[Delivery]:
         if limit <= 0 or not queues:
             return []
-        client = await self._redis()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        signals = [self.namespace + keys.SIGNAL + q for q in queues]
-        self._maybe_sweep()
+        self._limit = max(self._limit, limit)
+        self._sweeper.maybe_sweep()
+        names = self._names(queues)
+        look = self._inbox.held(names) < limit
+        due: float | None = None
         while True:
-            deliveries, due = await self._take_amqp(queues, limit)
-            remaining = deadline - loop.time()
-            if deliveries or remaining <= 0:
+            if look or not all(self._inbox.consuming(self._link.name(q, 0)) for q in queues):
+                due = await self._shielded(self._look(queues, names, limit))
+                look = False
+            deliveries, took = await self._take(names, limit)
+            if deliveries:
                 return deliveries
+            if took:
+                look = True  # all dropped or delayed on the way: look again
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
             pause = min(remaining, MAX_BLOCK)
             if due is not None:
-                pause = min(pause, max(due + 0.005, MIN_BLOCK))
-            if pause < SLEEP_BELOW:
-                await asyncio.sleep(pause)
-                continue
-            with self._errors():
-                await cast(Any, client.blpop(signals, timeout=pause))
+                pause = min(pause, max(due + 0.005, DUE_BLOCK))
+            if self._inbox.held(names) == 0:
+                self._inbox.arrived.clear()
+                try:
+                    await asyncio.wait_for(self._inbox.arrived.wait(), pause)
+                except TimeoutError:
+                    look = True
 
-    async def _take_amqp(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
-        call = asyncio.ensure_future(self._take_now(queues, limit))
+    async def _shielded(self, coro: Any) -> Any:
+        """Run `coro` to its end even if the fetch is cancelled (a worker stopping); then hand
+        the buffer back, so other processes get those jobs now."""
+        call = self._spawn(coro)
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
-            call.add_done_callback(self._give_back)
+            self._spawn(self._after_cancel(call))
             raise
 
-    def _give_back(self, call: asyncio.Future[tuple[list[Delivery], float | None]]) -> None:
-        if call.cancelled() or call.exception() is not None:
-            return
-        if deliveries := call.result()[0]:
-            self._spawn(self.settle([Settle(d, "release") for d in deliveries]))
+    async def _after_cancel(self, call: asyncio.Task[Any]) -> None:
+        with contextlib.suppress(BaseException):
+            await call
+        with contextlib.suppress(Exception):
+            await self._inbox.give_back()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _take_now(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
+    async def _look(self, queues: Sequence[str], names: list[str], limit: int) -> float | None:
+        """See the state store's view: consume every class that holds jobs (and each queue's
+        class 0), recover expired leases, and `basic.get` what the buffer lacks. Returns the
+        seconds until the next delayed job or lease expiry (None: none)."""
+        for q in queues:
+            await self._link.declare(q, 0)  # a fetch may come before any send: consume it anyway
         reply = await self._run("HINT", [limit, *queues])
         due = float(reply[0]) if reply[0] else None
         picks = [(queues[int(i)], int(p)) for i, p in (_text(x).split(":") for x in reply[1])]
+        classes = {
+            q: {0} | {int(c) for c in _text(e).split(",") if c}
+            for q, e in zip(queues, reply[2:], strict=True)
+        }
+        for q, p in picks:
+            classes[q].add(p)
         now = time.monotonic()
-        if now - self._last_full_look > FULL_LOOK_EVERY:
-            self._last_full_look = now  # every declared class, for messages Redis does not expect
+        fresh = not all(self._inbox.consuming(self._link.name(q, 0)) for q in queues)
+        if fresh or now - self._last_full_look > FULL_LOOK_EVERY:
+            self._last_full_look = now  # every declared class, also those with nothing ready now
             client = await self._redis()
             with self._errors():
-                found = [await client.smembers(self.namespace + CLASSES + q) for q in queues]
-            extra = [{int(c) for c in members} for members in found]
-        else:
-            extra = [{int(c) for c in _text(r).split(",") if c} for r in reply[2:]]
-        out: list[Delivery] = []
-        taken = await self._pull(queues, picks, extra, limit)
-        while taken:
-            out.extend(await self._claim(taken))
-            if len(out) >= limit:
-                break
-            # Dropped or delayed on the way: look again, where anything may still wait.
-            extra = [{p for q2, p in picks if q2 == q} | e for q, e in zip(queues, extra, strict=True)]
-            taken = await self._pull(queues, [], extra, limit - len(out))
-        return out, due
+                async with client.pipeline(transaction=False) as pipe:
+                    for q in queues:
+                        pipe.smembers(self.namespace + CLASSES + q)
+                    found = await pipe.execute()
+            for q, members in zip(queues, found, strict=True):
+                classes[q].update(int(c) for c in members)
+        wanted = [self._link.name(q, p) for p in range(9, -1, -1) for q in queues if p in classes[q]]
+        started = set(await self._inbox.consume(wanted, PREFETCH_PER_SLOT * self._limit))
+        if due is not None and due <= 0:
+            await self._sweeper.recover(0.0)
+        # A point in time: each new consumer's first pushes, and the classes where the state store
+        # sees more ready jobs than this process holds (the answer to a basic.get comes after
+        # every message already pushed from that queue).
+        ready = Counter(self._link.name(q, p) for q, p in picks)
+        for name in wanted:
+            if name in started:
+                await self._inbox.get(name)
+            while self._inbox.held(names) < limit and ready[name] > self._inbox.held_in(name):
+                if await self._inbox.get(name) is None:
+                    break
+        return due
 
-    async def _pull(
-        self, queues: Sequence[str], picks: list[tuple[str, int]], extra: list[set[int]], limit: int
-    ) -> list[aio_pika.abc.AbstractIncomingMessage]:
-        """Take up to `limit` messages: first the picks, in order (highest priority, then oldest,
-        across the queues, as the state store sees them); then from the `extra` classes of each
-        queue, highest class first and the queues of a class in turn.
-
-        Each message is taken only when it will be returned, which keeps `basic.nack` out: a
-        requeued message counts towards x-delivery-limit in a quorum queue.
-        """
-        taken: list[aio_pika.abc.AbstractIncomingMessage] = []
-        empty: set[str] = set()
-        for q, prio in picks:
-            name = self._link.name(q, prio)
-            if len(taken) >= limit:
-                return taken
-            if name not in empty:
-                msg = await self._link.get(name)
-                if msg is None:
-                    empty.add(name)
-                else:
-                    taken.append(msg)
-        for prio in sorted(set[int]().union(*extra), reverse=True):
-            names = [self._link.name(q, prio) for q, e in zip(queues, extra, strict=True) if prio in e]
-            names = [n for n in names if n not in empty]
-            while names and len(taken) < limit:
-                for name in list(names):
-                    if len(taken) >= limit:
-                        break
-                    msg = await self._link.get(name)
-                    if msg is None:
-                        names.remove(name)
-                    else:
-                        taken.append(msg)
-            if len(taken) >= limit:
-                break
-        return taken
-
-    async def _claim(self, taken: list[aio_pika.abc.AbstractIncomingMessage]) -> list[Delivery]:
-        ids = [msg.message_id or "" for msg in taken]
+    async def _take(self, names: Sequence[str], limit: int) -> tuple[list[Delivery], bool]:
+        arrivals = self._inbox.take(names, limit)
+        if not arrivals:
+            return [], False
+        call = self._spawn(self._claim(arrivals))
         try:
-            reply = await self._run("CLAIM", [self.worker_name, *ids])
+            return await asyncio.shield(call), True
+        except asyncio.CancelledError:
+            call.add_done_callback(self._give_back)
+            self._spawn(self._after_cancel(call))
+            raise
+
+    def _give_back(self, call: asyncio.Future[list[Delivery]]) -> None:
+        if call.cancelled() or call.exception() is not None:
+            return
+        if deliveries := call.result():
+            self._spawn(self.settle([Settle(d, "release") for d in deliveries]))
+
+    async def _claim(self, arrivals: list[Arrival]) -> list[Delivery]:
+        try:
+            reply = await self._run("CLAIM", [self.worker_name, *(a.job_id for a in arrivals)])
         except BaseException:
-            for msg in taken:  # unclaimed: hand them back at once (this counts as a redelivery)
-                with contextlib.suppress(*AMQP_ERRORS):
-                    await msg.nack(requeue=True)
+            self._inbox.put_back(arrivals)  # still ours, unacked: the next fetch tries again
             raise
         loop = asyncio.get_running_loop()
         out: list[Delivery] = []
-        for msg, job_id, verdict in zip(taken, ids, reply, strict=True):
+        done: list[Arrival] = []
+        later: list[Any] = []
+        for a, verdict in zip(arrivals, reply, strict=True):
             kind = _text(verdict[0])
             if kind == "take":
                 _, q, body, token, deliveries, attempts, lease = verdict
                 d = Delivery(
-                    job_id, _text(q), bytes(body), int(token), int(deliveries), int(attempts), float(lease)
+                    a.job_id, _text(q), bytes(body), int(token), int(deliveries), int(attempts), float(lease)
                 )
-                held = _Held(msg, d.queue, _prio(msg), d.token)
-                self._held[(job_id, d.token)] = held
-                held.timer = loop.call_later(d.lease_seconds + 0.05, self._expired, job_id, d.token)
+                timer = loop.call_later(d.lease_seconds + 0.05, self._expired, d.job_id, d.token)
+                self._leases[(d.job_id, d.token)] = _Lease(a.prio, timer)
                 out.append(d)
+                done.append(a)
             elif kind == "wait":
                 _, seconds, q, prio = verdict
-                try:
-                    await self._link.publish(job_id, _text(q), int(prio), msg.body, float(seconds))
-                    await msg.ack()
-                except AMQP_ERRORS as exc:  # RabbitMQ hands the message back itself
-                    log.warning("delaying job %s failed (RabbitMQ will redeliver it): %s", job_id, exc)
+                later.append(self._delay(a, _text(q), int(prio), float(seconds)))
             else:
-                with contextlib.suppress(*AMQP_ERRORS):
-                    await msg.ack()
+                done.append(a)
+        await self._inbox.ack(done)  # from here the Redis lease protects each job
+        if later:
+            await asyncio.gather(*later)
         return out
 
-    def _expired(self, job_id: str, token: int) -> None:
-        held = self._held.pop((job_id, token), None)
-        if held is not None:
-            self._spawn(self._requeue(job_id, held, 0.0, signal=True))
-
-    async def _requeue(self, job_id: str, held: _Held, delay: float, signal: bool = False) -> None:
-        """Make the job's message deliverable again (after `delay`): publish anew, then ack the old."""
+    async def _delay(self, a: Arrival, queue: str, prio: int, seconds: float) -> None:
         try:
-            await self._link.publish(job_id, held.queue, held.prio, held.message.body, delay)
-        except Exception as exc:  # noqa: BLE001 - the old message is not acked: RabbitMQ redelivers it
-            log.warning("re-publishing job %s failed (RabbitMQ will redeliver it): %s", job_id, exc)
+            await self._link.publish(a.job_id, queue, prio, a.body, seconds)
+        except (BrokerError, *AMQP_ERRORS) as exc:
+            log.warning("delaying job %s failed (RabbitMQ will redeliver it): %s", a.job_id, exc)
+            await self._inbox.nack([a])
             return
-        with contextlib.suppress(*AMQP_ERRORS):
-            await held.message.ack()  # on a channel that is gone: redelivered, then dropped or delayed
-        if signal:
-            with contextlib.suppress(BrokerError):
-                await self._published([], [held.queue])
+        await self._inbox.ack([a])
 
-    # -- the sweeper ------------------------------------------------------------------------------
+    # -- leases --------------------------------------------------------------------------------
 
-    def _maybe_sweep(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep >= SWEEP_EVERY:
-            self._last_sweep = now
-            self._spawn(self._sweep())
-
-    async def _sweep(self) -> None:
-        try:
-            await self.sweep()
-        except Exception as exc:  # noqa: BLE001 - the next fetch's sweep tries again
-            log.warning("sweeping unconfirmed publishes and poison messages failed: %s", exc)
+    def _expired(self, job_id: str, token: int) -> None:
+        if self._leases.pop((job_id, token), None) is not None:
+            self._sweeper.recover_soon()
 
     async def sweep(self) -> tuple[int, int]:
-        """Re-publish records whose publish was never confirmed (a producer died between its two
-        writes) or whose lease expired while another process holds their message (STRANDED), and
-        dead-letter the jobs of poison messages. Returns (re-published, poisoned)."""
-        republished = 0
-        # Without this, a job whose worker is cut off from RabbitMQ (or frozen) past its lease
-        # runs nowhere else until RabbitMQ declares that worker's connection dead: minutes.
-        while rows := await self._run("STRANDED", [repr(STRANDED_AFTER), SWEEP_BATCH]):
-            for job_id, q, prio, body in rows:
-                log.warning(
-                    "job %s: its lease expired and its worker did not hand it back; publishing it again",
-                    _text(job_id),
-                )
-                await self._link.publish(_text(job_id), _text(q), int(prio), bytes(body), 0.0)
-            await self._published([_text(r[0]) for r in rows], [_text(r[1]) for r in rows])
-            republished += len(rows)
-            if len(rows) < SWEEP_BATCH:
-                break
-        while rows := await self._run("SWEEP", [repr(self.options.republish_after), SWEEP_BATCH]):
-            for job_id, q, prio, seconds, body in rows:
-                log.warning("job %s: its publish was never confirmed; publishing it now", _text(job_id))
-                await self._link.publish(_text(job_id), _text(q), int(prio), bytes(body), float(seconds))
-            await self._published([_text(r[0]) for r in rows], [_text(r[1]) for r in rows])
-            republished += len(rows)
-            if len(rows) < SWEEP_BATCH:
-                break
-        poisoned = 0
-        while True:
-            taken: list[aio_pika.abc.AbstractIncomingMessage] = []
-            while len(taken) < SWEEP_BATCH and (msg := await self._link.get(f"{self.options.prefix}.poison")):
-                taken.append(msg)
-            if not taken:
-                break
-            poisoned += int(await self._run("POISON", [m.message_id or "" for m in taken]))
-            for msg in taken:
-                await msg.ack()
-        if poisoned:
-            log.warning("dead-lettered %d job(s) RabbitMQ gave up on (x-delivery-limit)", poisoned)
-        return republished, poisoned
+        """Re-publish what the sweeper finds (see rabbitmq_sweep.Sweeper.sweep)."""
+        return await self._sweeper.sweep()
 
     # -- settle --------------------------------------------------------------------------------
 
     async def settle(self, outcomes: Sequence[Settle]) -> list[bool]:
-        accepted = await super().settle(outcomes)  # the fencing check, in the state store
+        again = [o.delivery.job_id for o in outcomes if o.kind in ("retry", "release")]
+        mark = _MARK.set(again)
+        try:
+            accepted = await super().settle(outcomes)  # the fencing check, in the state store
+        finally:
+            _MARK.reset(mark)
+        back: list[tuple[Settle, int | None]] = []
         for outcome, ok in zip(outcomes, accepted, strict=True):
-            if not ok:
-                continue  # a stale token: neither the record nor the AMQP message changes
             d = outcome.delivery
-            held = self._held.pop((d.job_id, d.token), None)
-            if held is None:
-                continue  # taken by another process: its lease timer re-publishes, the claim drops it
-            if held.timer is not None:
-                held.timer.cancel()
-            if outcome.kind in ("ack", "dead"):
-                with contextlib.suppress(*AMQP_ERRORS):
-                    await held.message.ack()  # if the channel is gone: redelivered, then dropped
-            else:
-                delay = outcome.delay if outcome.kind == "retry" else 0.0
-                await self._requeue(d.job_id, held, delay)
+            lease = self._leases.pop((d.job_id, d.token), None)
+            if lease is not None and lease.timer is not None:
+                lease.timer.cancel()
+            if ok and outcome.kind in ("retry", "release"):
+                back.append((outcome, None if lease is None else lease.prio))
+        if back:
+            await self._publish_again(back)
         return accepted
+
+    async def _publish_again(self, back: list[tuple[Settle, int | None]]) -> None:
+        """Publish retried and released jobs anew (their records are marked: if this fails, the
+        sweeper publishes them)."""
+        unknown = [o.delivery.job_id for o, prio in back if prio is None]
+        routes = dict(zip(unknown, await self._run("ROUTE", unknown), strict=True)) if unknown else {}
+        sends = []
+        for o, prio in back:
+            d = o.delivery
+            p = prio if prio is not None else int(routes[d.job_id][2])
+            sends.append(
+                self._link.publish(d.job_id, d.queue, p, d.body, o.delay if o.kind == "retry" else 0.0)
+            )
+        try:
+            await asyncio.gather(*sends)
+        except (BrokerError, *AMQP_ERRORS) as exc:
+            log.warning(
+                "publishing %d retried or released job(s) failed; the sweeper will: %s", len(back), exc
+            )
+            return
+        self._unmark_later([o.delivery.job_id for o, _ in back])
 
     async def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
         alive = await super().extend(deliveries)
         loop = asyncio.get_running_loop()
         for d, ok in zip(deliveries, alive, strict=True):
-            held = self._held.get((d.job_id, d.token))
-            if ok and held is not None:
-                if held.timer is not None:
-                    held.timer.cancel()
-                held.timer = loop.call_later(d.lease_seconds + 0.05, self._expired, d.job_id, d.token)
+            lease = self._leases.get((d.job_id, d.token))
+            if ok and lease is not None:
+                if lease.timer is not None:
+                    lease.timer.cancel()
+                lease.timer = loop.call_later(d.lease_seconds + 0.05, self._expired, d.job_id, d.token)
         return alive
 
     # -- the DLQ -------------------------------------------------------------------------------
@@ -446,16 +463,10 @@ class RabbitMQBroker(RedisBroker):
         await self._run("MARK", chosen)  # first: a crash before the publishes leaves them to the sweeper
         count = await super().replay_dead(chosen, queue)
         routes = await self._run("ROUTE", chosen)
-        for job_id, (state, q, prio, seconds, body) in zip(chosen, routes, strict=True):
-            if _text(state) == "queued":
-                await self._link.publish(job_id, _text(q), int(prio), bytes(body), float(seconds))
-        await self._published(chosen, [_text(r[1]) for r in routes if _text(r[0]) == "queued"])
+        await self._sweeper.publish_rows(
+            [(i, *r[1:]) for i, r in zip(chosen, routes, strict=True) if _text(r[0]) == "queued"]
+        )
         return count
-
-
-def _prio(message: aio_pika.abc.AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get("p", 0)
-    return int(cast(Any, value))
 
 
 def _text(value: bytes | str) -> str:

@@ -98,6 +98,15 @@ class AmqpLink:
             self._connection, self._channel = connection, channel
             return channel
 
+    async def open_channel(self) -> aio_pika.abc.AbstractChannel:
+        """Another channel on the link's connection (no publisher confirms): the consumers'."""
+        await self.channel()
+        connection = self._connection
+        if connection is None:
+            raise BrokerError(f"RabbitMQ at {self.where}: the connection closed")
+        with self.errors():
+            return await connection.channel(publisher_confirms=False)
+
     async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()

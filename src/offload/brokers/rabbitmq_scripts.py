@@ -4,7 +4,7 @@ The state store holds every job's record in the Redis broker's format (see redis
 Redis broker's own scripts answer get_job, stats, cancel, settle, extend and the DLQ. These add
 what RabbitMQ needs: claiming a job whose AMQP message a fetch just took, undoing the records of
 an enqueue that RabbitMQ refused, marking records whose publish is not confirmed yet and sweeping
-them, telling a fetch which priority classes to look in, and dead-lettering poison messages.
+them, telling a fetch which priority classes to look in, and recycling poison messages.
 """
 
 from __future__ import annotations
@@ -199,33 +199,25 @@ return out
 """
 )
 
-# ARGV: namespace, ids... Messages RabbitMQ dead-lettered past x-delivery-limit: a job still
-# waiting for them (queued, or running under an expired lease) is dead-lettered in the state
-# store too, so `offload dlq` shows it and can replay it. Returns how many.
+# ARGV: namespace, ids... Messages RabbitMQ dead-lettered past x-delivery-limit. A message is
+# acked as soon as its job is claimed, so RabbitMQ's count only says how often the message was
+# handed back unclaimed (consumers closing with it in their buffer), nothing about the job: a job
+# still queued is marked "publish not confirmed" (the caller publishes it anew; if it dies first,
+# the sweeper does) and returned as {id, queue, prio, seconds until due, body}. Any other is left
+# as it is (finished; or running, and an expired lease is STRANDED's to recover).
 POISON = _script(
     """
 local now = now_ts()
-local finished = {}
-local n = 0
+local out = {}
 for i = 2, #ARGV do
   local id = ARGV[i]
-  local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'lexp', 'rm', 'deliv')
-  local why = 'RabbitMQ gave up on its message after repeated redeliveries (x-delivery-limit); '
-    .. 'delivered ' .. (f[5] or '0') .. ' times'
+  local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'prio', 'run_at', 'body')
   if f[1] == 'queued' then
-    if f[4] then redis.call('ZREM', k_ready(f[2]), f[4]) end
-    redis.call('ZREM', k_delayed(f[2]), id)
-    to_dlq(id, f[2], now, why, finished)
-    n = n + 1
-  elseif f[1] == 'running' and tonumber(f[3]) <= now then
-    redis.call('ZREM', K_LEASES, id)
-    redis.call('HINCRBY', K_RUNNING, f[2], -1)
-    to_dlq(id, f[2], now, why, finished)
-    n = n + 1
+    redis.call('ZADD', K_UNPUBLISHED, fmt(now), id)
+    out[#out + 1] = {id, f[2], f[3] or '0', fmt(math.max(0, tonumber(f[4] or '0') - now)), f[5]}
   end
 end
-count_finished(finished, now)
-return n
+return out
 """
 )
 

@@ -11,6 +11,10 @@ DEFAULT_STATE = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "offload"
 MIN_BUCKET_MS = 10
 MAX_BUCKET_MS = 99 * 10**8  # ~115 days; longer delays hop through several buckets
+# aio-pika's `heartbeat` unless the URL sets one. Messages pushed to a consumer whose host is cut
+# off stay with it until RabbitMQ declares the connection dead, after about two heartbeats
+# without a word from it (aio-pika's own default, 60 s, would hold them for minutes).
+DEFAULT_HEARTBEAT = 5
 
 # Redis keys the RabbitMQ broker adds to the Redis broker's layout (after the namespace):
 AMQP_NAMES = "amqp"  # SET of every AMQP queue made, for cleanup tools
@@ -51,6 +55,8 @@ def parse_rabbitmq_url(url: str) -> RabbitMQOptions:
             rest.append((name, value))  # aio-pika's own options (heartbeat, ...)
     if not prefix:
         raise ConfigurationError("empty prefix in the RabbitMQ URL")
+    if "heartbeat" not in {name for name, _ in rest}:
+        rest.append(("heartbeat", str(DEFAULT_HEARTBEAT)))
     state_parts = urlsplit(state)
     if state_parts.scheme not in ("redis", "rediss"):
         raise ConfigurationError(f"state={state!r}: the RabbitMQ broker's state store must be a Redis URL")
