@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika.exceptions
-import msgspec
 from redis import exceptions as rex
 
 from offload.brokers import rabbitmq_scripts as rlua
@@ -68,6 +67,7 @@ log = logging.getLogger(__name__)
 MAX_BLOCK = 1.0  # a waiting fetch looks again this often (a class nobody consumes yet, leases)
 DUE_BLOCK = 0.05  # ... and at least this long after a look that found something due
 FULL_LOOK_EVERY = 5.0  # seconds between looks that consume every declared class of the queues
+UNMARK_AFTER = 0.05  # seconds a confirmed send's unmark waits for others to go with it
 PREFETCH_PER_SLOT = 2  # each consumer's prefetch: this many messages per slot of the fetch limit
 
 # Job ids a SETTLE marks "publish not confirmed" in its transaction (retries and releases).
@@ -104,7 +104,17 @@ class RabbitMQBroker(RedisBroker):
     async def connect(self) -> None:
         await super().connect()
         client = await self._redis()
-        for name in ("CLAIM", "ROLLBACK", "ROUTE", "MARK", "SWEEP", "HINT", "POISON", "STRANDED"):
+        for name in (
+            "CLAIM",
+            "ROLLBACK",
+            "ROUTE",
+            "MARK",
+            "MARK_ENQUEUE",
+            "SWEEP",
+            "HINT",
+            "POISON",
+            "STRANDED",
+        ):
             if name not in self._scripts:
                 self._scripts[name] = client.register_script(getattr(rlua, name))
         await self._load_scripts()
@@ -120,7 +130,7 @@ class RabbitMQBroker(RedisBroker):
         client = await self._redis()
         with self._errors():
             async with client.pipeline(transaction=False) as pipe:
-                for name in ("MARK", "ENQUEUE", "SETTLE"):
+                for name in ("MARK", "SETTLE"):
                     pipe.script_load(self._scripts[name].script)
                 await pipe.execute()
 
@@ -152,9 +162,9 @@ class RabbitMQBroker(RedisBroker):
 
     async def _run(self, name: str, args: Sequence[Any]) -> Any:
         if name == "ENQUEUE":
-            # The Redis broker's enqueue script, in one transaction with the "not published yet"
-            # mark of its ids (see the module docstring): no record ever exists unmarked.
-            return await self._marked([item[0] for item in msgspec.msgpack.decode(args[0])], name, args)
+            # With the "not published yet" mark of its ids, in the same script (see the module
+            # docstring): no record ever exists unmarked.
+            return await super()._run("MARK_ENQUEUE", args)
         if name == "SETTLE" and (ids := _MARK.get()):
             return await self._marked(ids, name, args)
         return await super()._run(name, args)
@@ -191,6 +201,7 @@ class RabbitMQBroker(RedisBroker):
             self._unmarker = self._spawn(self._unmark())
 
     async def _unmark(self) -> None:
+        await asyncio.sleep(UNMARK_AFTER)  # sends one after another share one ZREM
         while self._unmarking:
             ids, self._unmarking = self._unmarking, []
             try:

@@ -9,6 +9,7 @@ them, telling a fetch which priority classes to look in, and recycling poison me
 
 from __future__ import annotations
 
+from offload.brokers import redis_scripts
 from offload.brokers.rabbitmq_url import CLASSES, UNPUBLISHED
 from offload.brokers.redis_keys import script
 
@@ -126,6 +127,18 @@ local now = fmt(now_ts())
 for i = 2, #ARGV do redis.call('ZADD', K_UNPUBLISHED, 'NX', now, ARGV[i]) end
 return 0
 """
+)
+
+# The Redis broker's ENQUEUE (same ARGV and reply), first marking every id of the batch "publish
+# not confirmed" (as MARK): one script, so no record ever exists unmarked, in one EVALSHA.
+MARK_ENQUEUE = _script(
+    """
+do
+  local at = fmt(now_ts())
+  for _, it in ipairs(cmsgpack.unpack(ARGV[2])) do redis.call('ZADD', K_UNPUBLISHED, 'NX', at, it[1]) end
+end
+"""
+    + redis_scripts.ENQUEUE.removeprefix(script(""))
 )
 
 # ARGV: namespace, seconds, limit. Takes up to `limit` ids marked unpublished more than `seconds`
