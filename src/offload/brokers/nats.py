@@ -73,10 +73,9 @@ class NatsBroker(NatsStream, Broker):
                 if depth + count > bound:
                     raise QueueFull(queue, depth, bound, await self._drain_rate(queue, now))
         kv = await self._store()
-        # The consumers of new priority classes first: fetchers find the classes by their names.
-        await asyncio.gather(
-            *{self._ensure_consumer(k.qkey(m.queue), k.prio_token(m.priority)) for m, _, _ in fresh}
-        )
+        if self.stream:  # the consumers of new priority classes first: fetchers find them by name
+            classes = {(k.qkey(m.queue), k.prio_token(m.priority)) for m, _, _ in fresh}
+            await asyncio.gather(*(self._ensure_consumer(q, token) for q, token in classes))
         base = f"{time.time_ns():019d}"
         lost: dict[str, str] = {}  # job id -> the job that claimed its key first
         for message, _, claim in fresh:
@@ -107,7 +106,7 @@ class NatsBroker(NatsStream, Broker):
                 out.append(Enqueued(lost[message.id], created=False))
                 continue
             run_at = max(now, message.eta) if message.eta is not None else now
-            delayed = run_at > now
+            delayed = run_at > now and self.stream  # transport=kv: run_at in a w. key
             windex = k.waiting(
                 message.queue,
                 message.priority,
@@ -138,7 +137,8 @@ class NatsBroker(NatsStream, Broker):
             # The index first: a crash in between leaves an index key without a record (skipped,
             # later deleted), never a record that nothing points at.
             await asyncio.gather(*writes)
-            await self._publish_ready(*(r[1] for r in records if r[1].startswith("w.")))
+            if self.stream:
+                await self._publish_ready(*(r[1] for r in records if r[1].startswith("w.")))
             created = await asyncio.gather(
                 *(self._create_record(job_id, data) for job_id, _, data in records)
             )
@@ -180,7 +180,7 @@ class NatsBroker(NatsStream, Broker):
                 if deliveries or remaining <= 0:
                     return deliveries
                 pause = min(remaining, MAX_WAIT)
-                for due in (retry_at, self._next_due(queues)):
+                for due in (retry_at, self._next_due(queues) if self.stream else None):
                     if due is not None:
                         pause = min(pause, max(0.0, due - time.time()) + 0.001)
                 try:
@@ -194,7 +194,10 @@ class NatsBroker(NatsStream, Broker):
     async def _take(
         self, queues: Sequence[str], limit: int, force: bool
     ) -> tuple[list[Delivery], float | None]:
-        call = asyncio.ensure_future(self._lease(queues, limit, force))
+        if self.stream:
+            call = asyncio.ensure_future(self._lease(queues, limit, force))
+        else:
+            call = asyncio.ensure_future(self._lease_by_scan(queues, limit))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -210,6 +213,47 @@ class NatsBroker(NatsStream, Broker):
             task = asyncio.ensure_future(self.settle([Settle(d, "release") for d in deliveries]))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    async def _lease_by_scan(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
+        """transport=kv: list the queues' waiting and running keys, recover expired leases, and
+        lease the best due jobs (a scan per fetch: its cost grows with the queues' depth)."""
+        now = time.time()
+        scans = await asyncio.gather(
+            *(self._scan(f"w.{k.qkey(q)}.>", meta_only=True) for q in queues),
+            *(self._scan(f"r.{k.qkey(q)}.>") for q in queues),
+        )
+        waiting = [e for scan in scans[: len(queues)] for e in scan]
+        running = [e for scan in scans[len(queues) :] for e in scan]
+        next_due: float | None = None
+        requeued = False
+        for entry in running:
+            expires = float(entry.value or 0)
+            if expires > now:
+                next_due = expires if next_due is None else min(next_due, expires)
+            elif await self._recover(entry.key, now):
+                requeued = True
+        if requeued:  # the recovered jobs are new waiting keys
+            await self._signal()
+            scans = await asyncio.gather(*(self._scan(f"w.{k.qkey(q)}.>", meta_only=True) for q in queues))
+            waiting = [e for scan in scans for e in scan]
+        candidates: list[tuple[tuple[str, str], str, str]] = []
+        for entry in waiting:
+            order, run_at, job_id = k.parse_waiting(entry.key)
+            if run_at > now:
+                next_due = run_at if next_due is None else min(next_due, run_at)
+            else:
+                candidates.append((order, job_id, entry.key))
+        candidates.sort()
+        out: list[Delivery] = []
+        position = 0
+        while len(out) < limit and position < len(candidates):
+            # Claim as many as are wanted at once; a claim lost to another worker is replaced by
+            # the next candidate in the following round. gather keeps the priority order.
+            batch = candidates[position : position + limit - len(out)]
+            position += len(batch)
+            claimed = await asyncio.gather(*(self._claim(job_id, windex, now) for _, job_id, windex in batch))
+            out.extend(d for d in claimed if isinstance(d, Delivery))
+        return out, next_due
 
     # -- settle --------------------------------------------------------------------------------
 
@@ -341,7 +385,7 @@ class NatsBroker(NatsStream, Broker):
         for entry in keys:
             family = entry.key[0]
             count[family] = count.get(family, 0) + 1
-            if family == "t" and k.parse_waiting(entry.key)[1] > now:
+            if family in "wt" and k.parse_waiting(entry.key)[1] > now:
                 delayed += 1
         return QueueStats(
             queue=name,

@@ -20,6 +20,7 @@ A second bucket, `<bucket>_drain` with a 60 s TTL, holds one key per finished jo
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from urllib.parse import parse_qs, urlsplit
 
@@ -161,10 +162,10 @@ def parse_nats_url(url: str) -> tuple[list[str], str, int]:
     if parts.scheme != "nats":
         raise ConfigurationError(f"not a NATS URL: {url!r}")
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = set(query) - {"bucket", "replicas"}
+    unknown = set(query) - {"bucket", "replicas", "transport"}
     if unknown:
         raise ConfigurationError(
-            f"unknown option(s) {sorted(unknown)} in NATS broker URL; known: bucket, replicas"
+            f"unknown option(s) {sorted(unknown)} in NATS broker URL; known: bucket, replicas, transport"
         )
     bucket = query.get("bucket", "offload")
     if not _BUCKET.fullmatch(bucket):
@@ -181,3 +182,13 @@ def parse_nats_url(url: str) -> tuple[list[str], str, int]:
     hosts = [h for h in netloc.split(",") if h] or ["127.0.0.1:4222"]
     servers = [f"{parts.scheme}://{auth}{h}" for h in hosts]
     return servers, bucket, replicas
+
+
+def parse_transport(url: str) -> str:
+    """How fetches find ready jobs: `kv` (scan the index keys; the default) or `stream` (pull them
+    from a work-queue stream). The URL's `transport=` wins over OFFLOAD_NATS_TRANSPORT."""
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+    transport = query.get("transport") or os.environ.get("OFFLOAD_NATS_TRANSPORT") or "kv"
+    if transport not in ("kv", "stream"):
+        raise ConfigurationError(f"transport={transport!r}: use kv or stream")
+    return transport

@@ -36,6 +36,7 @@ DRAIN_WINDOW = 60.0
 # An index key that disagrees with its record is left alone this long (its writer may be between
 # its two writes), then deleted as debris of a crash.
 STALE_AFTER = 30.0
+FINAL = (JobState.SUCCEEDED.value, JobState.CANCELLED.value)  # states a job never leaves
 MAX_WAIT = 5.0  # a waiting fetch re-scans at least this often (a lost signal costs at most this)
 
 SCAN_TIMEOUT = 10.0
@@ -60,6 +61,7 @@ class NatsKv:
     def __init__(self, url: str = "nats://127.0.0.1:4222") -> None:
         self.url = url
         self.servers, self.bucket, self.replicas = k.parse_nats_url(url)
+        self.stream = k.parse_transport(url) == "stream"  # fetch from the work-queue stream
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
@@ -119,7 +121,8 @@ class NatsKv:
                 js = nc.jetstream()
                 self._kv = await self._bucket(js, self.bucket, None)
                 self._drain = await self._bucket(js, f"{self.bucket}_drain", DRAIN_WINDOW)
-                await self._make_ready_stream(js)
+                if self.stream:
+                    await self._make_ready_stream(js)
                 await nc.subscribe(self._signal_prefix + "*", cb=self._on_signal)
             except BaseException:
                 await nc.close()
@@ -325,7 +328,8 @@ class NatsKv:
         record yet, so try again shortly)."""
         found = await self._record(job_id)
         if found is None or found[0].state != JobState.QUEUED.value or found[0].index != windex:
-            if self._stale(windex, now):
+            # A finished job's record never points at a waiting key again: debris at once.
+            if self._stale(windex, now) or (found is not None and found[0].state in FINAL):
                 await self._delete(windex)
                 return "stale"
             return "early"
@@ -340,6 +344,7 @@ class NatsKv:
         await self._put(rec.index, repr(rec.lease_exp).encode())
         if not await self._cas(k.job(job_id), k.dump(rec), revision):
             return "early"  # changed meanwhile (cancelled, purged): look at it again
+        await self._delete(windex)
         self._learn(k.qkey(rec.queue), rec.lease_exp, [])
         return Delivery(job_id, rec.queue, rec.body, rec.token, rec.deliv, rec.att, rec.lease)
 
@@ -348,17 +353,6 @@ class NatsKv:
         """A w./t. key written more than STALE_AFTER ago (its name holds its writer's clock)."""
         (_, seq), _, _ = k.parse_waiting(index)
         return now - int(seq[:19]) / 1e9 > STALE_AFTER
-
-    async def _promote(self, tindex: str, now: float) -> bool:
-        """Make a delayed job that is due ready: its t. key becomes a w. key. True if done."""
-        job_id = k.last_token(tindex)
-        found = await self._record(job_id)
-        if found is None or found[0].state != JobState.QUEUED.value or found[0].index != tindex:
-            if self._stale(tindex, now):
-                await self._delete(tindex)
-            return False
-        rec, revision = found
-        return await self._to_waiting(job_id, rec, revision, tindex, rec.run_at, now)
 
     async def _recover(self, rindex: str, now: float) -> bool:
         """Handle a running key whose lease expired: requeue or dead-letter. True if requeued."""
@@ -388,13 +382,13 @@ class NatsKv:
     ) -> bool:
         """Make the job wait again: ready (a w. key, handed out by its class's consumer) or, if
         run_at is in the future, delayed (a t. key, promoted when due)."""
-        delayed = run_at > now
+        delayed = run_at > now and self.stream  # transport=kv: the run_at in a w. key delays it
         rec.state = JobState.QUEUED.value
         rec.run_at = run_at
         seq = f"{time.time_ns():019d}000000"
         rec.index = k.waiting(rec.queue, rec.prio, seq, run_at, job_id, "t" if delayed else "w")
         await self._put(rec.index)
-        if not delayed:
+        if self.stream and not delayed:
             # Before the record: a crash in between leaves a message that goes stale, never a
             # ready job without one. A fetcher that sees it first looks again shortly.
             await self._publish_ready(rec.index)

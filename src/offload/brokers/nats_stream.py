@@ -27,8 +27,10 @@ import asyncio
 import heapq
 import json
 import math
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -37,15 +39,20 @@ from nats.js import errors as js_errors
 
 from offload.brokers import nats_keys as k
 from offload.brokers.base import Delivery
-from offload.brokers.nats_kv import NatsKv
+from offload.brokers.nats_kv import FINAL, STALE_AFTER, NatsKv
 from offload.errors import BrokerError
+from offload.job import JobState
 
 MAINT_EVERY = 1.0  # a busy fetcher recovers leases and promotes due jobs at least this often
 ACK_WAIT = 10.0  # a pulled message whose fetcher died before acking it comes back after this
 PULL_TIMEOUT = 5.0  # a pull (no_wait) is answered at once; no answer in this long is an outage
+CREATE_TIMEOUT = 15.0  # creating a stream or consumer can be slow on a busy server
+GENERATION_KEY = "g.ready"  # the ready stream's generation token, in the KV bucket
+GENERATION_WAIT = 10.0  # how long a process waits for another to make the ready stream
 DEDUP_WINDOW = 120.0  # Nats-Msg-Id deduplication of re-published ready keys
 READY_BACKSTOP = 10_000_000  # the stream refuses more (discard=new); the real bound is max_depth
 NAK_FIRST, NAK_MAX = 0.01, 2.0  # "not yet claimable": redelivery delay, doubling per delivery
+STRAY_AFTER = 5.0  # a running key this old is checked against its record by maintenance
 _END = ("404", "408", "409")  # no (more) messages, request expired, consumer busy or deleted
 
 
@@ -64,22 +71,49 @@ class NatsStream(NatsKv):
         return f"_offload.{self.bucket}.ready.{queue_key}.{token}"
 
     async def _make_ready_stream(self, js: JetStreamContext) -> None:
-        """Create the app's work-queue stream unless it exists (then it is used as it is)."""
+        """Make sure the bucket's work-queue stream exists and belongs to this bucket.
+
+        A stream left by an earlier bucket of the same name (deleted and made again, as test and
+        bench resets do) would hand out that bucket's messages. So the stream's description names a
+        generation token kept in the bucket itself (`g.ready`): whoever creates that key (KV
+        `create`: exactly one process) deletes any stream of another generation and makes a new
+        one; everyone else waits for it.
+        """
+        assert self._kv is not None
+        kv = self._kv
+        token = secrets.token_hex(8)
         try:
-            await js.stream_info(self._ready_stream)
+            await kv.create(GENERATION_KEY, token.encode())
+            mine = True
+        except js_errors.KeyWrongLastSequenceError:
+            entry = await kv.get(GENERATION_KEY)
+            token, mine = bytes(entry.value or b"").decode(), False
+        deadline = time.monotonic() + GENERATION_WAIT
+        while True:
+            try:
+                info = await js.stream_info(self._ready_stream)
+                if info.config.description == token:
+                    return
+                if not mine and time.monotonic() < deadline:  # its creator is at it
+                    await asyncio.sleep(0.05)
+                    continue
+                await js.delete_stream(self._ready_stream)  # an earlier bucket's
+            except js_errors.NotFoundError:
+                if not mine and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                    continue
+            await js.add_stream(
+                name=self._ready_stream,
+                description=token,
+                subjects=[f"_offload.{self.bucket}.ready.>"],
+                retention=js_api.RetentionPolicy.WORK_QUEUE,
+                storage=js_api.StorageType.FILE,
+                num_replicas=self.replicas,
+                discard=js_api.DiscardPolicy.NEW,
+                max_msgs=READY_BACKSTOP,
+                duplicate_window=DEDUP_WINDOW,
+            )
             return
-        except js_errors.NotFoundError:
-            pass
-        await js.add_stream(
-            name=self._ready_stream,
-            subjects=[f"_offload.{self.bucket}.ready.>"],
-            retention=js_api.RetentionPolicy.WORK_QUEUE,
-            storage=js_api.StorageType.FILE,
-            num_replicas=self.replicas,
-            discard=js_api.DiscardPolicy.NEW,
-            max_msgs=READY_BACKSTOP,
-            duplicate_window=DEDUP_WINDOW,
-        )
 
     async def _publish_ready(self, *keys: str) -> None:
         """Announce ready keys (w. keys) to their class's consumer; acknowledged when stored."""
@@ -115,8 +149,14 @@ class NatsStream(NatsKv):
             max_deliver=-1,
             max_ack_pending=-1,
         )
+        js = self._js
         with self._errors():
-            await self._js.add_consumer(self._ready_stream, config=config)
+            try:
+                await js.add_consumer(self._ready_stream, config=config, timeout=CREATE_TIMEOUT)
+            except (TimeoutError, js_errors.APIError):
+                # A busy server, or another process creating the same consumer just now: it is
+                # enough that it exists.
+                await js.consumer_info(self._ready_stream, name, timeout=CREATE_TIMEOUT)
         self._consumers.add(name)
         self._classes.setdefault(queue_key, set()).add(token)
         return name
@@ -220,8 +260,7 @@ class NatsStream(NatsKv):
         job_id = k.last_token(key)
         result: Delivery | str = await self._claim(job_id, key, now)
         if isinstance(result, Delivery):
-            await msg.ack()
-            await self._delete(key)
+            await msg.ack()  # after the claim deleted the key: if that failed, a redelivery does
             return result
         if result == "stale":
             await msg.ack()
@@ -239,18 +278,26 @@ class NatsStream(NatsKv):
             return
         async with self._maint_lock:
             await self._refresh_classes()
-            await asyncio.gather(*(self._maintain_queue(q, now) for q in due))
+            await asyncio.gather(*(self._maintain_queue(q, now, force) for q in due))
             await self._signal()
 
-    async def _maintain_queue(self, q: str, now: float) -> None:
-        """Recover the queue's expired leases and promote its due delayed jobs."""
+    async def _maintain_queue(self, q: str, now: float, idle: bool) -> None:
+        """Recover the queue's expired leases and promote its due delayed jobs. When the fetcher is
+        idle (its queue had nothing ready), also drop debris among the ready keys."""
         running, timers = await asyncio.gather(self._scan(f"r.{q}.>"), self._scan(f"t.{q}.>", meta_only=True))
         next_due = math.inf
-        work = []
+        work: list[Coroutine[Any, Any, Any]] = []
+        if idle:
+            ready = await self._scan(f"w.{q}.>", meta_only=True)
+            work.extend(
+                self._drop_stray(e.key, now - e.created) for e in ready if now - e.created > STRAY_AFTER
+            )
         for entry in running:
             expires = float(entry.value or 0)
             if expires > now:
                 next_due = min(next_due, expires)
+                if now - entry.created > STRAY_AFTER:
+                    work.append(self._drop_stray(entry.key, now - entry.created))
             else:
                 work.append(self._recover(entry.key, now))
         for entry in timers:
@@ -265,6 +312,24 @@ class NatsStream(NatsKv):
         else:
             self._due.pop(q, None)
         self._maint_at[q] = min(now + MAINT_EVERY, next_due)
+
+    async def _promote(self, tindex: str, now: float) -> bool:
+        """Make a delayed job that is due ready: its t. key becomes a w. key. True if done."""
+        job_id = k.last_token(tindex)
+        found = await self._record(job_id)
+        if found is None or found[0].state != JobState.QUEUED.value or found[0].index != tindex:
+            if self._stale(tindex, now):
+                await self._delete(tindex)
+            return False
+        rec, revision = found
+        return await self._to_waiting(job_id, rec, revision, tindex, rec.run_at, now)
+
+    async def _drop_stray(self, index: str, age: float) -> None:
+        """Delete a running or ready key whose job has finished or is gone (an operation cut off
+        between its writes leaves one): it would count in stats until cleaned up otherwise."""
+        found = await self._record(k.last_token(index))
+        if (found is None and age > STALE_AFTER) or (found is not None and found[0].state in FINAL):
+            await self._delete(index)
 
     def _next_due(self, queues: Sequence[str]) -> float | None:
         """The earliest known eta or lease expiry of these queues."""
