@@ -56,6 +56,33 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+class ServerProcess:
+    """A server a fault test runs itself on a spare loopback port, logging to `log`; by pid only.
+
+    Subclasses set `process` in their `start()`.
+    """
+
+    def __init__(self, log: Path) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = open(log, "ab")  # noqa: SIM115 - open for the server's whole life
+
+    def crash(self) -> None:
+        """SIGKILL: no shutdown; only what the server had already written to disk survives."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+
+
 class Harness:
     def __init__(self, tmp_path: Path, url: str | None = None) -> None:
         """`url`: the broker (default: an SQLite file in tmp_path)."""

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from acceptance_harness import (
     Harness,
+    ServerProcess,
     TcpProxy,
     free_port,
     late_ack_of_a_cut_off_worker,
@@ -33,15 +33,14 @@ from acceptance_harness import (
 from offload.brokers import base
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """A redis-server of our own: AOF with fsync on every write, stopped by pid at the end."""
 
     def __init__(self, directory: Path) -> None:
+        super().__init__(directory / "redis.log")
         self.dir = directory
         self.port = free_port(6390, 6500)
         self.url = f"redis://127.0.0.1:{self.port}/0?prefix=faults:"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log = open(directory / "redis.log", "ab")  # noqa: SIM115
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -77,22 +76,6 @@ class RedisServer:
             return False
         finally:
             client.close()
-
-    def crash(self) -> None:
-        """SIGKILL: no shutdown hook, no final fsync; only what the AOF already holds survives."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.send_signal(signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
 
 
 @pytest.fixture

@@ -387,11 +387,19 @@ class NatsBroker(NatsStream, Broker):
             count[family] = count.get(family, 0) + 1
             if family in "wt" and k.parse_waiting(entry.key)[1] > now:
                 delayed += 1
+        # An r. key outlives its job when a settle is cut off between writing the record and
+        # deleting the key (a crash, an outage); a fetch clears such debris later. Count only the
+        # keys whose record says running (few: at most the workers' slots), as _dead does.
+        leased = [k.last_token(e.key) for e in keys if e.key[0] == "r"]
+        records = await asyncio.gather(*(self._record(i) for i in leased))
+        running = sum(
+            1 for found in records if found is not None and found[0].state == JobState.RUNNING.value
+        )
         return QueueStats(
             queue=name,
             ready=count["w"] + count["t"] - delayed,  # a due t. key is ready, not yet promoted
             delayed=delayed,
-            running=count["r"],
+            running=running,
             dead=count["d"],
             max_depth=bound,
             drain_rate=rate,

@@ -95,6 +95,14 @@ class NatsKv:
                 f"JetStream is not available at {self.servers}: start nats-server with -js ({exc})"
             ) from exc
 
+    # The client reconnects by itself and may answer a pending request after it is back, so a
+    # short outage can pass without any operation failing: say when the link drops and returns.
+    async def _log_disconnected(self) -> None:
+        log.warning("NATS connection lost (%s); reconnecting", self.servers)
+
+    async def _log_reconnected(self) -> None:
+        log.info("NATS connection back (%s)", self.servers)
+
     async def connect(self) -> None:
         if self._nc is not None:
             return
@@ -109,6 +117,8 @@ class NatsKv:
                         max_reconnect_attempts=-1,
                         allow_reconnect=True,
                         error_cb=_log_error,
+                        disconnected_cb=self._log_disconnected,
+                        reconnected_cb=self._log_reconnected,
                     ),
                     CONNECT_TIMEOUT,
                 )
