@@ -36,6 +36,7 @@ from offload.api.auth import KeyStore
 from offload.api.backpressure import FullQueues, broker_unavailable_problem, queue_full_problem
 from offload.api.problems import Problem, bad_request, encode_json, not_found
 from offload.api.schema import JobView, openapi_document
+from offload.api.sse import EventStream, change_key, disconnected, sse_event
 from offload.api.validation import (
     MAX_JOB_ID,
     ArgumentValidator,
@@ -282,7 +283,7 @@ class _Api:
     async def until_disconnect(self, request: Request, work: Coroutine[Any, Any, T]) -> T:
         """Await `work`, giving up (raising _ClientGone) as soon as the client disconnects."""
         task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(_disconnected(request.receive))
+        watcher = asyncio.ensure_future(disconnected(request.receive))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -392,8 +393,8 @@ class _Api:
     async def _job_events(self, broker: Broker, info: JobInfo) -> AsyncGenerator[bytes, None]:
         """One `state` event per change (the first at once), until a finished state."""
         clock = asyncio.get_running_loop().time
-        last = _change_key(info)
-        yield _sse(info)
+        last = change_key(info)
+        yield sse_event(info)
         sent = clock()
         pause = SSE_MIN_POLL
         while not info.state.finished:
@@ -402,9 +403,9 @@ class _Api:
             if latest is None:  # pruned while we watched
                 return
             info = latest
-            if _change_key(info) != last:
-                last = _change_key(info)
-                yield _sse(info)
+            if change_key(info) != last:
+                last = change_key(info)
+                yield sse_event(info)
                 sent, pause = clock(), SSE_MIN_POLL
             else:
                 pause = min(pause * 2, SSE_MAX_POLL)
@@ -481,57 +482,6 @@ class _Api:
             )
             self._openapi = (public, encode_json(document))
         return Response(self._openapi[1], media_type="application/json")
-
-
-class EventStream(Response):
-    """A text/event-stream response that stops (and stops polling) when the client disconnects."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
-        self.events = events
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        streaming = asyncio.ensure_future(self._stream(send))
-        watcher = asyncio.ensure_future(_disconnected(receive))
-        try:
-            await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (streaming, watcher):
-                t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(streaming, watcher, return_exceptions=True)
-                await self.events.aclose()
-
-    async def _stream(self, send: Send) -> None:
-        try:
-            async for chunk in self.events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except OSError:
-            return  # the client went away
-        except Exception:
-            # Headers are out: the best left is to end the stream; the client may reconnect.
-            log.exception("event stream failed")
-        with contextlib.suppress(OSError):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-def _change_key(info: JobInfo) -> tuple[str, int, int]:
-    # deliveries/attempts catch a change that came and went between two polls (a retry).
-    return info.state.value, info.deliveries, info.attempts
-
-
-def _sse(info: JobInfo) -> bytes:
-    return b"event: state\ndata: " + encode_json(JobView.of(info)) + b"\n\n"
 
 
 def _no_job(job_id: str) -> Problem:
