@@ -1,7 +1,7 @@
 """A producer process: sends benchmark jobs for one system and prints what it measured as JSON.
 
-    python -m bench.client SYSTEM enqueue-one|enqueue-bulk|paced --count N [--kind noop|cpu] [--rate R]
-        [--probe 1]
+    python -m bench.client SYSTEM enqueue-one|enqueue-bulk|enqueue-concurrent|paced --count N
+        [--kind noop|cpu] [--rate R] [--senders S] [--probe 1]
 
 The runner starts one per measurement, with the system's environment, so each starts cold and
 nothing of one system's client library lingers in another's measurement. Connection setup is
@@ -24,15 +24,18 @@ from bench.systems import SYSTEMS, Producer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("system", choices=sorted(SYSTEMS))
-    parser.add_argument("action", choices=["enqueue-one", "enqueue-bulk", "paced"])
+    parser.add_argument("action", choices=["enqueue-one", "enqueue-bulk", "enqueue-concurrent", "paced"])
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--kind", default="noop", choices=["noop", "cpu"])
     parser.add_argument("--rate", type=float, default=200.0, help="jobs/s for `paced`")
+    parser.add_argument("--senders", type=int, default=16, help="callers at once, enqueue-concurrent")
     parser.add_argument("--probe", type=int, default=0, help="1: count the servers' operations")
     args = parser.parse_args()
 
     producer = SYSTEMS[args.system].producer()
     producer.connect()
+    if args.action == "enqueue-concurrent":
+        producer.prepare_concurrent(args.senders)
     kinds = [k for k in os.environ.get("BENCH_PROBE_SERVERS", "").split(",") if k]
     probes = Probes(kinds) if args.probe and kinds else None
     if probes is not None and probes.counts_ops:
@@ -46,6 +49,8 @@ def main() -> None:
         begin, cpu_begin = time.perf_counter(), time.process_time()
         if args.action == "enqueue-bulk":
             producer.send_bulk(args.kind, args.count)
+        elif args.action == "enqueue-concurrent":
+            producer.send_concurrent(args.kind, args.count, args.senders)
         elif args.action == "enqueue-one":
             for _ in range(args.count):
                 producer.send_one(args.kind, 0.0)

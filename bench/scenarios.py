@@ -27,6 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Counts:
     enqueue_one: int = 2_000
+    enqueue_concurrent: int = 10_000
+    senders: int = 16  # callers at once in enqueue-concurrent
     enqueue_bulk: int = 20_000
     drain: int = 20_000
     latency_rate: float = 200.0
@@ -38,6 +40,7 @@ class Counts:
     def quick(cls) -> Counts:
         return cls(
             enqueue_one=200,
+            enqueue_concurrent=1_000,
             enqueue_bulk=2_000,
             drain=2_000,
             latency_seconds=1.0,
@@ -103,8 +106,8 @@ def _start_workers(ctx: Context, system: System, processes: int) -> tuple[Worker
 # -- scenarios -------------------------------------------------------------------------------
 
 
-def _enqueue(ctx: Context, system: System, action: str, n: int) -> dict[str, Any]:
-    out = client(ctx, system, action, n, probe=1)
+def _enqueue(ctx: Context, system: System, action: str, n: int, **options: Any) -> dict[str, Any]:
+    out = client(ctx, system, action, n, probe=1, **options)
     metrics: dict[str, Any] = {
         "jobs_per_s": n / out["seconds"],
         "client_cpu_us_per_job": out["cpu_s"] / n * 1e6,
@@ -122,6 +125,11 @@ def _enqueue(ctx: Context, system: System, action: str, n: int) -> dict[str, Any
 
 def enqueue_one(ctx: Context, system: System) -> dict[str, Any]:
     return _enqueue(ctx, system, "enqueue-one", ctx.counts.enqueue_one)
+
+
+def enqueue_concurrent(ctx: Context, system: System) -> dict[str, Any]:
+    counts = ctx.counts
+    return _enqueue(ctx, system, "enqueue-concurrent", counts.enqueue_concurrent, senders=counts.senders)
 
 
 def enqueue_bulk(ctx: Context, system: System) -> dict[str, Any]:
@@ -247,6 +255,7 @@ def percentile(sorted_values: list[float], pct: float) -> float:
 
 SCENARIOS = {
     "enqueue-one": enqueue_one,
+    "enqueue-concurrent": enqueue_concurrent,
     "enqueue-bulk": enqueue_bulk,
     "drain-1p": drain_1p,
     "drain-2p": drain_2p,

@@ -13,6 +13,7 @@ import asyncio
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,39 @@ class Producer(abc.ABC):
     def send_bulk(self, kind: str, count: int) -> None:
         """Enqueue `count` jobs the fastest public way the system offers."""
 
+    def prepare_concurrent(self, senders: int) -> None:  # noqa: B027 - optional hook
+        """Before the clock: open what `senders` concurrent callers need (connections)."""
+
+    def send_concurrent(self, kind: str, count: int, senders: int) -> None:
+        """Enqueue `count` jobs from `senders` callers at once, each job its own call awaited
+        before that caller sends its next (many web requests, each sending one job).
+
+        A sync library's callers are threads; an async library's are tasks on one loop."""
+        shares = split(count, senders)
+        errors: list[BaseException] = []
+
+        def sender(n: int) -> None:
+            try:
+                for _ in range(n):
+                    self.send_one(kind, 0.0)
+            except BaseException as exc:  # re-raised below, in the caller
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sender, args=(n,)) for n in shares]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and close connections."""
+
+
+def split(count: int, parts: int) -> list[int]:
+    """`count` as `parts` shares differing by at most one."""
+    return [count // parts + (1 if i < count % parts else 0) for i in range(parts)]
 
 
 class AsyncProducer(Producer):
@@ -66,6 +98,23 @@ class AsyncProducer(Producer):
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self.loop.run_until_complete(coro)
+
+    def send_one(self, kind: str, enqueued: float) -> None:
+        self.run(self.asend_one(kind, enqueued))
+
+    @abc.abstractmethod
+    async def asend_one(self, kind: str, enqueued: float) -> None:
+        """The library's one-job async call."""
+
+    def send_concurrent(self, kind: str, count: int, senders: int) -> None:
+        async def sender(n: int) -> None:
+            for _ in range(n):
+                await self.asend_one(kind, 0.0)
+
+        async def all_senders() -> None:
+            await asyncio.gather(*(sender(n) for n in split(count, senders)))
+
+        self.run(all_senders())
 
     def close(self) -> None:
         self.run(self.aclose())

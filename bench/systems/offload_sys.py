@@ -3,6 +3,7 @@ RabbitMQ (with Redis state) and NATS. One app module; the adapter sets the broke
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from bench.systems.base import (
     Settings,
     System,
     remove_sqlite,
+    split,
     venv_script,
 )
 
@@ -42,6 +44,18 @@ class OffloadProducer(Producer):
 
     def send_bulk(self, kind: str, count: int) -> None:
         self.app.send_many([self.job.message(kind, 0.0) for _ in range(count)])
+
+    def send_concurrent(self, kind: str, count: int, senders: int) -> None:
+        # offload's async API, as an async web app calls it: tasks on one loop (the portal's),
+        # each awaiting its own `send_async`.
+        async def sender(n: int) -> None:
+            for _ in range(n):
+                await self.job.send_async(kind, 0.0)
+
+        async def all_senders(broker: object) -> None:
+            await asyncio.gather(*(sender(n) for n in split(count, senders)))
+
+        self.app.run_sync(all_senders)
 
     def close(self) -> None:
         self.app.close()

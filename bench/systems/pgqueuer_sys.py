@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from typing import Any
 
-from bench.systems.base import POSTGRES, AsyncProducer, Producer, Settings, System, venv_script
+from bench.systems.base import POSTGRES, AsyncProducer, Producer, Settings, System, split, venv_script
 
 
 class PgqueuerProducer(AsyncProducer):
@@ -23,8 +25,28 @@ class PgqueuerProducer(AsyncProducer):
         self.connection = self.run(asyncpg.connect(self.app.DSN))
         self.queries = Queries(AsyncpgDriver(self.connection))
 
-    def send_one(self, kind: str, enqueued: float) -> None:
-        self.run(self.queries.enqueue(self.app.ENTRYPOINT, self.app.payload(kind, enqueued)))
+    async def asend_one(self, kind: str, enqueued: float) -> None:
+        await self.queries.enqueue(self.app.ENTRYPOINT, self.app.payload(kind, enqueued))
+
+    def prepare_concurrent(self, senders: int) -> None:
+        # An asyncpg connection runs one query at a time: a connection (and Queries) per sender.
+        import asyncpg
+        from pgqueuer.db import AsyncpgDriver
+        from pgqueuer.queries import Queries
+
+        self.sender_connections = [self.run(asyncpg.connect(self.app.DSN)) for _ in range(senders)]
+        self.sender_queries = [Queries(AsyncpgDriver(c)) for c in self.sender_connections]
+
+    def send_concurrent(self, kind: str, count: int, senders: int) -> None:
+        async def sender(queries: Any, n: int) -> None:
+            for _ in range(n):
+                await queries.enqueue(self.app.ENTRYPOINT, self.app.payload(kind, 0.0))
+
+        async def all_senders() -> None:
+            shares = split(count, senders)
+            await asyncio.gather(*(sender(q, n) for q, n in zip(self.sender_queries, shares, strict=True)))
+
+        self.run(all_senders())
 
     def send_bulk(self, kind: str, count: int) -> None:
         async def send() -> None:
@@ -36,7 +58,8 @@ class PgqueuerProducer(AsyncProducer):
         self.run(send())
 
     async def aclose(self) -> None:
-        await self.connection.close()
+        for c in [self.connection, *getattr(self, "sender_connections", [])]:
+            await c.close()
 
 
 class PgqueuerSystem(System):

@@ -20,8 +20,8 @@ class ProcrastinateProducer(AsyncProducer):
     def connect(self) -> None:
         self.run(self.app.open_async())
 
-    def send_one(self, kind: str, enqueued: float) -> None:
-        self.run(self.job.defer_async(kind=kind, enqueued=enqueued))
+    async def asend_one(self, kind: str, enqueued: float) -> None:
+        await self.job.defer_async(kind=kind, enqueued=enqueued)
 
     def send_bulk(self, kind: str, count: int) -> None:
         async def send() -> None:

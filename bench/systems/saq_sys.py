@@ -16,8 +16,8 @@ class SaqProducer(AsyncProducer):
         self.run(self.queue.connect())
         self.run(self.queue.count("queued"))
 
-    def send_one(self, kind: str, enqueued: float) -> None:
-        self.run(self.queue.enqueue("bench.job", kind=kind, enqueued=enqueued))
+    async def asend_one(self, kind: str, enqueued: float) -> None:
+        await self.queue.enqueue("bench.job", kind=kind, enqueued=enqueued)
 
     def send_bulk(self, kind: str, count: int) -> None:
         async def send() -> None:

@@ -16,8 +16,8 @@ class TaskiqProducer(AsyncProducer):
     def connect(self) -> None:
         self.run(self.broker.startup())  # connects and creates the consumer group
 
-    def send_one(self, kind: str, enqueued: float) -> None:
-        self.run(self.job.kiq(kind, enqueued))
+    async def asend_one(self, kind: str, enqueued: float) -> None:
+        await self.job.kiq(kind, enqueued)
 
     def send_bulk(self, kind: str, count: int) -> None:
         async def send() -> None:

@@ -63,8 +63,10 @@ for i, it in ipairs(items) do
   end
   verdict[i] = state
 end
+local known = {}  -- queues already in K_QUEUES: no HSETNX for them below
 for _, q in ipairs(order) do
   local bound = redis.call('HGET', K_QUEUES, q)
+  known[q] = bound
   if bound and bound ~= '' then
     local depth = redis.call('ZCARD', k_ready(q)) + redis.call('ZCARD', k_delayed(q))
     if depth + adding[q] > tonumber(bound) then
@@ -113,7 +115,7 @@ for i, it in ipairs(items) do
 end
 for q, m in pairs(members) do zadd_many(k_ready(q), m) end
 for q, n in pairs(woken) do
-  redis.call('HSETNX', K_QUEUES, q, '')
+  if not known[q] then redis.call('HSETNX', K_QUEUES, q, '') end
   signal(q, math.max(n, 1))
 end
 return done(out)
