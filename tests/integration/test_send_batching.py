@@ -9,18 +9,22 @@ from typing import Any
 
 import pytest
 
-from contract import redis_store
+from contract import postgres_store, redis_store
 from offload import App, BrokerError, QueueFull
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 async def app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[App]:
-    """An App on a broker that batches calls: SQLite (one writer operation), Redis (one pipeline)."""
+    """An App on a broker that batches calls: SQLite (one writer operation), Redis (one
+    pipeline), PostgreSQL (one transaction)."""
     if request.param == "redis":
         url = redis_store.redis_url(tmp_path)
         request.addfinalizer(lambda: redis_store.cleanup(url))
+    elif request.param == "postgres":
+        url = postgres_store.postgres_url(tmp_path)
+        request.addfinalizer(lambda: postgres_store.drop_schema(url))
     else:
         url = f"sqlite:///{tmp_path / 'offload.db'}"
     a = App(url, name="batching")
@@ -88,3 +92,18 @@ async def test_closing_answers_the_batch_in_flight_and_fails_sends_not_yet_hande
     assert (await first).created
     with pytest.raises(BrokerError, match="closed before this send was handed to it"):
         await second
+
+
+async def test_a_send_the_store_rejects_fails_alone_and_its_batch_mates_land(app: App) -> None:
+    add = app.tasks["t.add"]
+    await add.send_async(0, 0)  # connected, and the batcher exists
+    # A NUL in an idempotency key: PostgreSQL's text type refuses it (the other stores take it),
+    # which aborts the batch's transaction; the calls then run one by one.
+    rejected = app.broker_url.startswith("postgresql")
+    sends = [add.options(idempotency_key=key).send_async(1, 1) for key in ("a", "b\x00c", "d", "e")]
+    outcomes = await asyncio.gather(*sends, return_exceptions=True)
+
+    errors = [type(o).__name__ for o in outcomes if isinstance(o, BaseException)]
+    assert errors == (["BrokerError"] if rejected else [])
+    [stats] = await (await app.broker()).stats(["default"])
+    assert stats.depth == 1 + len(sends) - len(errors)

@@ -39,7 +39,7 @@ from offload.brokers.postgres_tx import (
     enqueued,
 )
 from offload.brokers.postgres_url import PostgresOptions, explain, is_transient, parse_postgres_url
-from offload.errors import BrokerError
+from offload.errors import BrokerError, QueueFull
 from offload.job import JobInfo
 from offload.message import Message
 
@@ -234,6 +234,41 @@ class PostgresBroker(Broker):
         args = enqueue_args(items)
         rows = await self._call(lambda conn: conn.fetch(self._sql["enqueue"], *args))
         return enqueued(rows)
+
+    batches_enqueue_calls = True
+
+    async def enqueue_calls(
+        self, calls: Sequence[Sequence[tuple[Message, bytes]]]
+    ) -> Sequence[list[Enqueued] | Exception]:
+        """Several sends in one transaction: one commit (one WAL flush, one NOTIFY) for all.
+
+        Each call's rows come from its own run of the enqueue function, in order, so a call
+        refused by a bound (QueueFull, which writes nothing) sees the calls before it and leaves
+        the others alone. Any other error aborts the transaction; then the calls run one by one,
+        each to its own outcome.
+        """
+        if len(calls) < 2:
+            return await super().enqueue_calls(calls)
+        statement = self._sql["enqueue"]
+        arguments = [enqueue_args(items) if items else None for items in calls]
+
+        async def in_one_transaction(conn: Any) -> list[list[Any]]:
+            async with conn.transaction():
+                return [[] if args is None else await conn.fetch(statement, *args) for args in arguments]
+
+        try:
+            row_sets = await self._call(in_one_transaction)
+        except BrokerError as exc:
+            if isinstance(exc.__cause__, asyncpg.PostgresError) and not is_transient(exc.__cause__):
+                return await super().enqueue_calls(calls)  # one call's fault: find whose
+            return [exc] * len(calls)
+        outcomes: list[list[Enqueued] | Exception] = []
+        for rows in row_sets:
+            try:
+                outcomes.append(enqueued(rows))
+            except QueueFull as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def enqueue_with(self, conn: Any, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
         """Enqueue on the caller's connection (asyncpg or psycopg), inside its transaction."""
