@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -24,32 +25,12 @@ from offload.brokers import Settle, broker_from_url
 from offload.brokers.redis import RedisBroker
 from offload.brokers.redis_keys import keyspace
 from offload.brokers.redis_url import parse_redis_url
-from offload.message import Message, encode, encode_value, new_job_id
+from offload.message import encode_value
+
+if TYPE_CHECKING:
+    from integration.conftest import RedisItem
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def item(**fields: object) -> tuple[Message, bytes]:
-    m = Message(id=new_job_id(), task="t", created_at=time.time(), **fields)  # type: ignore[arg-type]
-    return m, encode(m)
-
-
-@pytest.fixture
-def url(tmp_path: Path) -> Iterator[str]:
-    made = redis_store.redis_url(tmp_path)
-    yield made
-    redis_store.cleanup(made)
-
-
-@pytest.fixture
-async def broker(url: str) -> AsyncIterator[RedisBroker]:
-    b = broker_from_url(url)
-    assert isinstance(b, RedisBroker)
-    await b.connect()
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 # -- URLs ---------------------------------------------------------------------------------------
@@ -99,33 +80,39 @@ async def test_unreachable_server_is_a_one_line_broker_error() -> None:
 # -- keys and behaviour on the shared server ------------------------------------------------------
 
 
-async def test_every_key_lives_under_the_prefix(broker: RedisBroker, url: str) -> None:
+async def test_every_key_lives_under_the_prefix(
+    redis_broker: RedisBroker, redis_url: str, redis_item: RedisItem
+) -> None:
     import redis.asyncio as aioredis
 
-    await broker.declare_queue("bounded", 10)
-    await broker.enqueue([item(queue="bounded", idempotency_key="k"), item(eta=time.time() + 60)])
-    [d] = await broker.fetch(["bounded"], 1, 0)
-    assert await broker.settle([Settle(d, "ack", result=encode_value(1))]) == [True]
+    await redis_broker.declare_queue("bounded", 10)
+    await redis_broker.enqueue(
+        [redis_item(queue="bounded", idempotency_key="k"), redis_item(eta=time.time() + 60)]
+    )
+    [d] = await redis_broker.fetch(["bounded"], 1, 0)
+    assert await redis_broker.settle([Settle(d, "ack", result=encode_value(1))]) == [True]
     client = aioredis.Redis.from_url(redis_store.REDIS_URL)
     try:
-        keys = [k.decode() async for k in client.scan_iter(match=f"{broker.prefix}*")]
+        keys = [k.decode() async for k in client.scan_iter(match=f"{redis_broker.prefix}*")]
         kinds = {k.split("}:", 1)[1].split(":")[0] for k in keys}
         assert kinds >= {"job", "delayed", "idem", "queues", "drain", "expiring"}, kinds
-        assert all(k.startswith(broker.namespace) for k in keys)
+        assert all(k.startswith(redis_broker.namespace) for k in keys)
         # A finished job's record expires by itself too, in case nothing prunes.
-        assert await client.pttl(f"{broker.namespace}job:{d.job_id}") > 0
+        assert await client.pttl(f"{redis_broker.namespace}job:{d.job_id}") > 0
     finally:
         await client.aclose()
 
 
-async def test_one_enqueue_wakes_one_of_many_waiting_fetches(broker: RedisBroker, url: str) -> None:
-    others = [broker_from_url(url) for _ in range(3)]
+async def test_one_enqueue_wakes_one_of_many_waiting_fetches(
+    redis_broker: RedisBroker, redis_url: str, redis_item: RedisItem
+) -> None:
+    others = [broker_from_url(redis_url) for _ in range(3)]
     for other in others:
         await other.connect()
     try:
-        waiting = [asyncio.create_task(b.fetch(["default"], 1, 1.5)) for b in [broker, *others]]
+        waiting = [asyncio.create_task(b.fetch(["default"], 1, 1.5)) for b in [redis_broker, *others]]
         await asyncio.sleep(0.1)
-        await broker.enqueue([item()])
+        await redis_broker.enqueue([redis_item()])
         started = time.monotonic()
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         assert time.monotonic() - started < 0.3
@@ -136,39 +123,41 @@ async def test_one_enqueue_wakes_one_of_many_waiting_fetches(broker: RedisBroker
             await other.close()
 
 
-async def test_enqueue_resent_after_a_lost_reply_is_not_stored_twice(broker: RedisBroker) -> None:
-    batch = [item() for _ in range(3)]
-    first = await broker.enqueue(batch)
-    again = await broker.enqueue(batch)  # the same messages: the caller never saw the first reply
+async def test_enqueue_resent_after_a_lost_reply_is_not_stored_twice(
+    redis_broker: RedisBroker, redis_item: RedisItem
+) -> None:
+    batch = [redis_item() for _ in range(3)]
+    first = await redis_broker.enqueue(batch)
+    again = await redis_broker.enqueue(batch)  # the same messages: the caller never saw the first reply
     assert [e.job_id for e in again] == [e.job_id for e in first]
-    [stats] = await broker.stats(["default"])
+    [stats] = await redis_broker.stats(["default"])
     assert stats.ready == 3
 
 
 async def test_a_batch_too_large_for_one_command_is_staged_and_stays_all_or_nothing(
-    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+    redis_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch, redis_item: RedisItem
 ) -> None:
     import redis.asyncio as aioredis
 
     from offload import QueueFull
-    from offload.brokers import redis as redis_broker
+    from offload.brokers import redis_records
 
-    monkeypatch.setattr(redis_broker, "STAGE_BYTES", 1000)  # stage in chunks of about 1 KB
-    batch = [item(args=("x" * 200, n)) for n in range(50)]
-    enqueued = await broker.enqueue(batch)
+    monkeypatch.setattr(redis_records, "STAGE_BYTES", 1000)  # stage in chunks of about 1 KB
+    batch = [redis_item(args=("x" * 200, n)) for n in range(50)]
+    enqueued = await redis_broker.enqueue(batch)
     assert all(e.created for e in enqueued)
     order = []
-    while deliveries := await broker.fetch(["default"], 7, 0):
+    while deliveries := await redis_broker.fetch(["default"], 7, 0):
         order.extend(deliveries)
     assert [d.job_id for d in order] == [e.job_id for e in enqueued]
     assert [d.body for d in order] == [body for _, body in batch]
 
-    await broker.declare_queue("small", 10)
+    await redis_broker.declare_queue("small", 10)
     with pytest.raises(QueueFull):
-        await broker.enqueue([item(queue="small", args=("x" * 200,)) for _ in range(20)])
+        await redis_broker.enqueue([redis_item(queue="small", args=("x" * 200,)) for _ in range(20)])
     client = aioredis.Redis.from_url(redis_store.REDIS_URL)
     try:  # the staged bodies of the refused batch are gone with it
-        assert [k async for k in client.scan_iter(match=f"{broker.namespace}stage:*")] == []
+        assert [k async for k in client.scan_iter(match=f"{redis_broker.namespace}stage:*")] == []
     finally:
         await client.aclose()
 
@@ -213,14 +202,14 @@ async def test_an_evicting_server_is_refused_when_the_url_requires_noeviction(ev
 
 
 async def test_an_evicting_server_is_used_with_a_loud_warning(
-    evicting_server: int, caplog: pytest.LogCaptureFixture
+    evicting_server: int, caplog: pytest.LogCaptureFixture, redis_item: RedisItem
 ) -> None:
     b = broker_from_url(f"redis://127.0.0.1:{evicting_server}/0")
     with caplog.at_level(logging.WARNING, logger="offload.broker"):
         await b.connect()
     try:
         assert any("maxmemory-policy=allkeys-lru" in r.getMessage() for r in caplog.records)
-        [e] = await b.enqueue([item()])
+        [e] = await b.enqueue([redis_item()])
         assert e.created
     finally:
         await b.close()

@@ -11,50 +11,29 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import pytest
 
 from contract import redis_store
 from offload import App, BrokerError, QueueFull
-from offload.brokers import Enqueued, broker_from_url
-from offload.brokers import redis as redis_broker
+from offload.brokers import Enqueued, broker_from_url, redis_records
 from offload.brokers.rabbitmq import RabbitMQBroker
 from offload.brokers.redis import RedisBroker
 from offload.brokers.redis_blocking import BlockingLink
-from offload.message import Message, encode, new_job_id
+from offload.message import Message
+
+if TYPE_CHECKING:
+    from integration.conftest import RedisItem
 
 pytestmark = pytest.mark.timeout(60)
 
 Blocking = Callable[[Sequence[tuple[Message, bytes]]], list[Enqueued]]
 
 
-def item(**fields: object) -> tuple[Message, bytes]:
-    m = Message(id=new_job_id(), task="t", created_at=time.time(), **fields)  # type: ignore[arg-type]
-    return m, encode(m)
-
-
-@pytest.fixture
-def url(tmp_path: Path) -> Iterator[str]:
-    made = redis_store.redis_url(tmp_path)
-    yield made
-    redis_store.cleanup(made)
-
-
-@pytest.fixture
-async def broker(url: str) -> AsyncIterator[RedisBroker]:
-    b = broker_from_url(url)
-    assert isinstance(b, RedisBroker)
-    await b.connect()
-    try:
-        yield b
-    finally:
-        await b.close()
-
-
-def blocking(broker: RedisBroker) -> Blocking:
-    send = broker.enqueue_blocking
+def blocking(redis_broker: RedisBroker) -> Blocking:
+    send = redis_broker.enqueue_blocking
     assert send is not None
     return send
 
@@ -64,90 +43,105 @@ async def in_thread(send: Blocking, items: Sequence[tuple[Message, bytes]]) -> l
     return await asyncio.to_thread(send, items)
 
 
-async def test_jobs_are_fetched_in_batch_order_with_their_bodies(broker: RedisBroker) -> None:
-    batch = [item(args=(n,)) for n in range(20)] + [item(args=("later",), eta=time.time() + 60)]
-    enqueued = await in_thread(blocking(broker), batch)
+async def test_jobs_are_fetched_in_batch_order_with_their_bodies(
+    redis_broker: RedisBroker, redis_item: RedisItem
+) -> None:
+    batch = [redis_item(args=(n,)) for n in range(20)] + [redis_item(args=("later",), eta=time.time() + 60)]
+    enqueued = await in_thread(blocking(redis_broker), batch)
     assert [e.job_id for e in enqueued] == [m.id for m, _ in batch]
     assert all(e.created for e in enqueued)
     taken = []
-    while deliveries := await broker.fetch(["default"], 6, 0):
+    while deliveries := await redis_broker.fetch(["default"], 6, 0):
         taken.extend(deliveries)
     assert [d.job_id for d in taken] == [m.id for m, _ in batch[:20]]  # FIFO; the delayed one waits
     assert [d.body for d in taken] == [body for _, body in batch[:20]]
-    [stats] = await broker.stats(["default"])
+    [stats] = await redis_broker.stats(["default"])
     assert (stats.ready, stats.delayed, stats.running) == (0, 1, 20)
-    info = await broker.get_job(batch[-1][0].id)
+    info = await redis_broker.get_job(batch[-1][0].id)
     assert info is not None and info.run_at > time.time() + 50
 
 
-async def test_priorities_order_a_batch_as_enqueue_does(broker: RedisBroker) -> None:
-    batch = [item(priority=p, args=(n,)) for n, p in enumerate([0, 5, 0, 5, -1])]
-    await in_thread(blocking(broker), batch)
-    taken = await broker.fetch(["default"], 10, 0)
+async def test_priorities_order_a_batch_as_enqueue_does(
+    redis_broker: RedisBroker, redis_item: RedisItem
+) -> None:
+    batch = [redis_item(priority=p, args=(n,)) for n, p in enumerate([0, 5, 0, 5, -1])]
+    await in_thread(blocking(redis_broker), batch)
+    taken = await redis_broker.fetch(["default"], 10, 0)
     ids = [m.id for m, _ in batch]
     assert [d.job_id for d in taken] == [ids[1], ids[3], ids[0], ids[2], ids[4]]
 
 
-async def test_a_full_queue_refuses_the_whole_batch(broker: RedisBroker) -> None:
-    await broker.declare_queue("small", 3)
-    send = blocking(broker)
-    await in_thread(send, [item(queue="small"), item(queue="small")])
+async def test_a_full_queue_refuses_the_whole_batch(redis_broker: RedisBroker, redis_item: RedisItem) -> None:
+    await redis_broker.declare_queue("small", 3)
+    send = blocking(redis_broker)
+    await in_thread(send, [redis_item(queue="small"), redis_item(queue="small")])
     with pytest.raises(QueueFull) as caught:
-        await in_thread(send, [item(queue="small"), item(queue="small"), item(queue="default")])
+        await in_thread(
+            send, [redis_item(queue="small"), redis_item(queue="small"), redis_item(queue="default")]
+        )
     assert (caught.value.queue, caught.value.depth, caught.value.max_depth) == ("small", 2, 3)
     assert caught.value.drain_rate == 0.0
-    stats = {s.queue: s for s in await broker.stats(["small", "default"])}
+    stats = {s.queue: s for s in await redis_broker.stats(["small", "default"])}
     assert stats["small"].ready == 2 and stats["default"].ready == 0  # none of the refused batch
-    [one] = await in_thread(send, [item(queue="small")])  # exactly up to the bound
+    [one] = await in_thread(send, [redis_item(queue="small")])  # exactly up to the bound
     assert one.created
 
 
-async def test_idempotency_keys_deduplicate_within_and_across_batches(broker: RedisBroker) -> None:
-    send = blocking(broker)
+async def test_idempotency_keys_deduplicate_within_and_across_batches(
+    redis_broker: RedisBroker, redis_item: RedisItem
+) -> None:
+    send = blocking(redis_broker)
     first, twin, other = await in_thread(
-        send, [item(idempotency_key="k1"), item(idempotency_key="k1"), item(idempotency_key="k2")]
+        send,
+        [
+            redis_item(idempotency_key="k1"),
+            redis_item(idempotency_key="k1"),
+            redis_item(idempotency_key="k2"),
+        ],
     )
     assert first.created and other.created and not twin.created
     assert twin.job_id == first.job_id
-    [again] = await in_thread(send, [item(idempotency_key="k1")])
+    [again] = await in_thread(send, [redis_item(idempotency_key="k1")])
     assert (again.job_id, again.created) == (first.job_id, False)
     # The async path sees the same keys.
-    [from_async] = await broker.enqueue([item(idempotency_key="k2")])
+    [from_async] = await redis_broker.enqueue([redis_item(idempotency_key="k2")])
     assert (from_async.job_id, from_async.created) == (other.job_id, False)
-    [stats] = await broker.stats(["default"])
+    [stats] = await redis_broker.stats(["default"])
     assert stats.ready == 2
-    info = await broker.get_job(first.job_id)
+    info = await redis_broker.get_job(first.job_id)
     assert info is not None and info.idempotency_key == "k1"
 
 
-async def test_a_resent_batch_is_not_stored_twice(broker: RedisBroker) -> None:
-    batch = [item() for _ in range(3)]
-    first = await in_thread(blocking(broker), batch)
-    again = await in_thread(blocking(broker), batch)  # the caller never saw the first reply
+async def test_a_resent_batch_is_not_stored_twice(redis_broker: RedisBroker, redis_item: RedisItem) -> None:
+    batch = [redis_item() for _ in range(3)]
+    first = await in_thread(blocking(redis_broker), batch)
+    again = await in_thread(blocking(redis_broker), batch)  # the caller never saw the first reply
     assert [e.job_id for e in again] == [e.job_id for e in first]
-    [stats] = await broker.stats(["default"])
+    [stats] = await redis_broker.stats(["default"])
     assert stats.ready == 3
 
 
-async def test_a_waiting_fetch_is_woken(broker: RedisBroker, url: str) -> None:
-    waiting = asyncio.create_task(broker.fetch(["default"], 1, 3.0))
+async def test_a_waiting_fetch_is_woken(
+    redis_broker: RedisBroker, redis_url: str, redis_item: RedisItem
+) -> None:
+    waiting = asyncio.create_task(redis_broker.fetch(["default"], 1, 3.0))
     await asyncio.sleep(0.2)  # the fetch is blocked in BLPOP by now
-    [enqueued] = await in_thread(blocking(broker), [item()])
+    [enqueued] = await in_thread(blocking(redis_broker), [redis_item()])
     started = time.monotonic()
     [delivery] = await asyncio.wait_for(waiting, 2.0)
     assert time.monotonic() - started < 0.5
     assert delivery.job_id == enqueued.job_id
 
 
-async def test_many_threads_send_at_once(broker: RedisBroker) -> None:
-    send = blocking(broker)
+async def test_many_threads_send_at_once(redis_broker: RedisBroker, redis_item: RedisItem) -> None:
+    send = blocking(redis_broker)
     ids: list[str] = []
     errors: list[BaseException] = []
 
     def sender() -> None:
         try:
             for _ in range(25):
-                ids.extend(e.job_id for e in send([item()]))
+                ids.extend(e.job_id for e in send([redis_item()]))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -155,40 +149,42 @@ async def test_many_threads_send_at_once(broker: RedisBroker) -> None:
     await asyncio.to_thread(lambda: [t.start() for t in threads] and [t.join() for t in threads])
     assert errors == []
     assert len(set(ids)) == 200
-    [stats] = await broker.stats(["default"])
+    [stats] = await redis_broker.stats(["default"])
     assert stats.ready == 200
 
 
 async def test_a_large_batch_is_staged_and_stays_all_or_nothing(
-    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+    redis_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch, redis_item: RedisItem
 ) -> None:
-    monkeypatch.setattr(redis_broker, "STAGE_BYTES", 1000)  # stage in chunks of about 1 KB
-    send = blocking(broker)
-    batch = [item(args=("x" * 200, n)) for n in range(30)]
+    monkeypatch.setattr(redis_records, "STAGE_BYTES", 1000)  # stage in chunks of about 1 KB
+    send = blocking(redis_broker)
+    batch = [redis_item(args=("x" * 200, n)) for n in range(30)]
     enqueued = await in_thread(send, batch)
     assert all(e.created for e in enqueued)
     taken = []
-    while deliveries := await broker.fetch(["default"], 7, 0):
+    while deliveries := await redis_broker.fetch(["default"], 7, 0):
         taken.extend(deliveries)
     assert [d.body for d in taken] == [body for _, body in batch]
 
-    await broker.declare_queue("small", 10)
+    await redis_broker.declare_queue("small", 10)
     with pytest.raises(QueueFull):
-        await in_thread(send, [item(queue="small", args=("x" * 200,)) for _ in range(20)])
+        await in_thread(send, [redis_item(queue="small", args=("x" * 200,)) for _ in range(20)])
     import redis
 
     client = redis.Redis.from_url(redis_store.REDIS_URL)
     try:  # the staged bodies of the refused batch are gone with it
-        assert list(client.scan_iter(match=f"{broker.namespace}stage:*")) == []
+        assert list(client.scan_iter(match=f"{redis_broker.namespace}stage:*")) == []
     finally:
         client.close()
 
 
-async def test_a_connection_dropped_while_idle_is_replaced(broker: RedisBroker) -> None:
+async def test_a_connection_dropped_while_idle_is_replaced(
+    redis_broker: RedisBroker, redis_item: RedisItem
+) -> None:
     import redis
 
-    send = blocking(broker)
-    await in_thread(send, [item()])
+    send = blocking(redis_broker)
+    await in_thread(send, [redis_item()])
     client = redis.Redis.from_url(redis_store.REDIS_URL)
     try:
         # Kill every connection of this broker's blocking path (the test's own survives).
@@ -198,54 +194,56 @@ async def test_a_connection_dropped_while_idle_is_replaced(broker: RedisBroker) 
                 client.client_kill_filter(_id=info["id"])
     finally:
         client.close()
-    [e] = await in_thread(send, [item()])
+    [e] = await in_thread(send, [redis_item()])
     assert e.created
 
 
-async def test_a_flushed_script_cache_is_reloaded(broker: RedisBroker) -> None:
+async def test_a_flushed_script_cache_is_reloaded(redis_broker: RedisBroker, redis_item: RedisItem) -> None:
     import redis
 
-    send = blocking(broker)
-    await in_thread(send, [item()])
+    send = blocking(redis_broker)
+    await in_thread(send, [redis_item()])
     client = redis.Redis.from_url(redis_store.REDIS_URL)
     try:
         client.script_flush()  # as after a server restart (other clients reload theirs likewise)
     finally:
         client.close()
-    [e] = await in_thread(send, [item()])
+    [e] = await in_thread(send, [redis_item()])
     assert e.created
 
 
-async def test_an_unreachable_server_is_the_async_paths_broker_error(broker: RedisBroker) -> None:
+async def test_an_unreachable_server_is_the_async_paths_broker_error(
+    redis_broker: RedisBroker, redis_item: RedisItem
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    broker._blocking_link = BlockingLink(f"redis://127.0.0.1:{port}/0", {}, 5.0)
+    redis_broker._blocking_link = BlockingLink(f"redis://127.0.0.1:{port}/0", {}, 5.0)
     with pytest.raises(BrokerError) as caught:
-        await in_thread(blocking(broker), [item()])
+        await in_thread(blocking(redis_broker), [redis_item()])
     message = str(caught.value)
     assert "\n" not in message and "cannot reach Redis" in message and "OFFLOAD_BROKER_URL" in message
 
 
-async def test_needs_connect_and_stops_at_close(url: str) -> None:
-    b = broker_from_url(url)
+async def test_needs_connect_and_stops_at_close(redis_url: str, redis_item: RedisItem) -> None:
+    b = broker_from_url(redis_url)
     assert isinstance(b, RedisBroker)
     with pytest.raises(RuntimeError, match="connect"):
-        blocking(b)([item()])
+        blocking(b)([redis_item()])
     await b.connect()
     assert blocking(b)([]) == []
     await b.close()
     with pytest.raises(RuntimeError, match="connect"):
-        blocking(b)([item()])
+        blocking(b)([redis_item()])
 
 
 def test_rabbitmq_which_publishes_over_amqp_has_no_blocking_path() -> None:
-    broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:5672/?state=redis://127.0.0.1:6379/0")
-    assert broker.enqueue_blocking is None  # App sends through its enqueue on the portal loop
+    redis_broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:5672/?state=redis://127.0.0.1:6379/0")
+    assert redis_broker.enqueue_blocking is None  # App sends through its enqueue on the portal loop
 
 
-def test_app_sync_sends_take_the_blocking_path(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    app = App(url)
+def test_app_sync_sends_take_the_blocking_path(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = App(redis_url)
     app.queue("bounded", max_depth=2)
 
     @app.task(queue="bounded")

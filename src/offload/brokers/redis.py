@@ -21,13 +21,11 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import msgspec
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.retry import Retry
@@ -36,12 +34,22 @@ from redis.commands.core import AsyncScript
 
 from offload.brokers import redis_keys as keys
 from offload.brokers import redis_scripts as lua
-from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, lease_seconds
+from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle
 from offload.brokers.redis_blocking import ENQUEUE_SHA, BlockingLink, command, evalsha
+from offload.brokers.redis_records import (
+    _JOB_FIELDS,
+    _deliveries,
+    _job_info,
+    _pack,
+    _stage_chunks,
+    _text,
+)
+from offload.brokers.redis_records import _enqueue_meta as _enqueue_meta  # re-exported: rabbitmq.py
+from offload.brokers.redis_records import _enqueued as _enqueued  # imports them from here
 from offload.brokers.redis_url import parse_redis_url
 from offload.errors import BrokerError, QueueFull
-from offload.job import JobInfo, JobState
-from offload.message import Message, decode, decode_value
+from offload.job import JobInfo
+from offload.message import Message
 
 log = logging.getLogger("offload.broker")
 
@@ -52,8 +60,6 @@ MIN_BLOCK = 0.01
 SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64  # per broker, and again for its sync senders; the URL's max_connections overrides it
-# An enqueue batch with more body bytes than this stages its bodies first (see _stage_chunks).
-STAGE_BYTES = 32 * 1024 * 1024
 STAGE_TTL = 3600
 _POOL_OPTIONS: dict[str, Any] = {
     "max_connections": MAX_CONNECTIONS,
@@ -62,25 +68,6 @@ _POOL_OPTIONS: dict[str, Any] = {
     "socket_connect_timeout": CONNECT_TIMEOUT,
     "socket_keepalive": True,
 }
-
-_JOB_FIELDS = (
-    b"queue",
-    b"task",
-    b"state",
-    b"prio",
-    b"run_at",
-    b"created",
-    b"deliv",
-    b"att",
-    b"maxd",
-    b"started",
-    b"finished",
-    b"worker",
-    b"ikey",
-    b"body",
-    b"result",
-    b"error",
-)
 
 
 class RedisBroker(Broker):
@@ -467,151 +454,3 @@ class RedisBroker(Broker):
             total += pruned
             if pruned < keys.CHUNK:
                 return total
-
-
-# -- decoding replies -------------------------------------------------------------------------------
-
-
-_pack = msgspec.msgpack.Encoder().encode  # batch metadata for the scripts (Lua's cmsgpack decodes it)
-
-
-def _enqueue_meta(items: Sequence[tuple[Message, bytes]]) -> tuple[bytes, bytes | None]:
-    """The ENQUEUE script's packed metadata, and the bodies back to back (None: stage them)."""
-    leases: dict[float | None, str] = {}  # a batch mostly repeats a few timeouts and TTLs
-    ttls: dict[float, str] = {}
-    now = repr(time.time())
-    meta = []
-    size = 0
-    for m, body in items:
-        lease = leases.get(m.timeout)
-        if lease is None:
-            lease = leases[m.timeout] = repr(lease_seconds(m.timeout))
-        ttl = ttls.get(m.result_ttl)
-        if ttl is None:
-            ttl = ttls[m.result_ttl] = repr(float(m.result_ttl))
-        size += len(body)
-        meta.append(
-            (
-                m.id,
-                m.queue,
-                m.task,
-                m.priority,
-                "" if m.eta is None else repr(float(m.eta)),
-                repr(float(m.created_at)) if m.created_at else now,
-                lease,
-                m.max_deliveries,
-                ttl,
-                False if m.idempotency_key is None else m.idempotency_key,
-                int(m.idempotency_window * 1000),
-                len(body),
-            )
-        )
-    if size > STAGE_BYTES:
-        return _pack(meta), None
-    return _pack(meta), b"".join([body for _, body in items])
-
-
-def _stage_chunks(items: Sequence[tuple[Message, bytes]]) -> Iterator[dict[int, bytes]]:
-    """A large batch's bodies as HSET mappings of bounded size (field = the job's position).
-
-    Redis caps one argument at 512 MB and a command at the client query buffer (1 GB); the
-    enqueue script then moves the bodies into the jobs, all or nothing. If it never runs, the
-    staging key expires.
-    """
-    chunk: dict[int, bytes] = {}
-    size = 0
-    for position, (_, body) in enumerate(items, 1):
-        chunk[position] = body
-        size += len(body)
-        if size >= STAGE_BYTES:
-            yield chunk
-            chunk, size = {}, 0
-    if chunk:
-        yield chunk
-
-
-def _enqueued(items: Sequence[tuple[Message, bytes]], reply: list[Any]) -> list[Enqueued]:
-    """The ENQUEUE script's reply as the jobs' ids and whether each was created, or QueueFull."""
-    if reply[0] == b"full":
-        _, queue, depth, bound, rate = reply
-        raise QueueFull(_text(queue), int(depth), int(bound), float(rate))
-    out = [Enqueued(m.id, True) for m, _ in items]
-    for i in range(1, len(reply), 2):  # the jobs whose idempotency key another job holds
-        out[int(reply[i]) - 1] = Enqueued(_text(reply[i + 1]), False)
-    return out
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _deliveries(reply: list[Any]) -> tuple[list[Delivery], float | None]:
-    count, next_due = int(reply[0]), reply[1]
-    out = []
-    for i in range(2, 2 + 7 * count, 7):
-        job_id, queue, body, token, deliveries, attempts, lease = reply[i : i + 7]
-        out.append(
-            Delivery(
-                _text(job_id),
-                _text(queue),
-                bytes(body),
-                int(token),
-                int(deliveries),
-                int(attempts),
-                float(lease),
-            )
-        )
-    return out, (float(next_due) if next_due else None)
-
-
-def _opt_float(value: bytes | None) -> float | None:
-    return None if value is None else float(value)
-
-
-def _job_info(job_id: str, values: list[bytes | None]) -> JobInfo | None:
-    (
-        queue,
-        task,
-        state,
-        prio,
-        run_at,
-        created,
-        deliveries,
-        attempts,
-        max_deliveries,
-        started,
-        finished,
-        worker,
-        key,
-        body,
-        result,
-        error,
-    ) = values
-    if state is None or queue is None or task is None:
-        return None
-    try:
-        message = decode(body or b"")
-        args, kwargs, options = message.args, message.kwargs, message.options
-    except (msgspec.DecodeError, msgspec.ValidationError):  # a malformed body still has a record
-        args, kwargs, options = (), {}, {}
-    return JobInfo(
-        id=job_id,
-        task=task.decode(),
-        queue=queue.decode(),
-        state=JobState(state.decode()),
-        priority=int(prio or 0),
-        args=args,
-        kwargs=kwargs,
-        deliveries=int(deliveries or 0),
-        attempts=int(attempts or 0),
-        max_deliveries=int(max_deliveries or 0),
-        created_at=float(created or 0),
-        run_at=float(run_at or 0),
-        started_at=_opt_float(started),
-        finished_at=_opt_float(finished),
-        result=decode_value(result),
-        error=None if error is None else error.decode(),
-        worker=None if worker is None else worker.decode(),
-        idempotency_key=None if key is None else key.decode(),
-        options=options,
-    )
