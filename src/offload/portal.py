@@ -1,4 +1,5 @@
-"""One bridge from sync code to offload's async core: a private event loop on a daemon thread."""
+"""One bridge from sync code to offload's async core: a private event loop (uvloop where installed,
+as offload.eventloop chooses) on a daemon thread."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
+
+from offload import eventloop
 
 T = TypeVar("T")
 
@@ -21,7 +24,8 @@ class Portal:
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                loop = asyncio.new_event_loop()
+                factory = eventloop.loop_factory() or asyncio.new_event_loop
+                loop = factory()
                 thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
                 thread.start()
                 self._loop, self._thread = loop, thread
