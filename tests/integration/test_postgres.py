@@ -214,6 +214,33 @@ async def test_processes_starting_together_migrate_once(url: str, conn: Any) -> 
         await asyncio.gather(*(b.close() for b in brokers))
 
 
+async def test_a_schema_of_an_older_version_is_migrated_and_keeps_its_jobs(
+    url: str, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offload.brokers import postgres_schema
+
+    with monkeypatch.context() as older:  # an offload that knew only version 1
+        older.setattr(postgres_schema, "MIGRATIONS", postgres_schema.MIGRATIONS[:1])
+        older.setattr(postgres_schema, "SCHEMA_VERSION", 1)
+        old = broker_from_url(url)
+        await old.connect()
+        [kept] = await old.enqueue([item()])
+        await old.close()
+
+    new = broker_from_url(url)
+    await new.connect()
+    try:
+        rows = await conn.fetch(f'SELECT version FROM "{schema_of(url)}".schema_version ORDER BY 1')
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+        [single] = await new.enqueue([item()])
+        batch = await new.enqueue([item(), item(idempotency_key="k")])
+        assert all(e.created for e in [single, *batch])
+        fetched = await new.fetch(["default"], 10, 0)
+        assert [d.job_id for d in fetched] == [kept.job_id, single.job_id, *(e.job_id for e in batch)]
+    finally:
+        await new.close()
+
+
 async def test_schema_of_a_newer_offload_is_refused(broker: PostgresBroker, conn: Any, url: str) -> None:
     await conn.execute(
         f"INSERT INTO \"{schema_of(url)}\".schema_version (version, description) VALUES (999, 'future')"

@@ -5,7 +5,8 @@ version is in postgres_sql/vN.sql. The broker's hot paths are SQL functions, so 
 call is one statement and one round trip, and so that `enqueue_in_transaction` runs the very
 same code on a caller's own connection:
 
-    enqueue(...)   idempotency keys, the atomic bound check, the INSERT and the NOTIFY
+    enqueue(...)   idempotency keys, the atomic bound check, the INSERT and the NOTIFY (one
+                   keyless job in scalar statements, anything else by enqueue_batch, see v2.sql)
     fetch(...)     expired leases recovered, then up to n ready jobs leased (FOR UPDATE SKIP LOCKED)
     settle(...)    every outcome of a batch in one UPDATE ... FROM unnest(...)
     extend(...)    a batch of lease renewals
@@ -54,6 +55,7 @@ def _sql(name: str) -> str:
 # (version, description, SQL). Append new versions; never edit one that has shipped.
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "jobs, queues, counters, idempotency keys, throughput; enqueue/fetch/settle/extend", _sql("v1.sql")),
+    (2, "enqueue answers a single job without an idempotency key in scalar statements", _sql("v2.sql")),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
