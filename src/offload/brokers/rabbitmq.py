@@ -9,7 +9,7 @@ the records live in the Redis broker's format under the `state` URL and the Redi
 scripts answer those methods; this class inherits them and replaces the parts that move jobs.
 
 Enqueue order (the crash window between the two stores): the record is written first, in the
-same MULTI/EXEC as a mark "publish not confirmed" (UNPUBLISHED); then the messages are published
+same script as a mark "publish not confirmed" (UNPUBLISHED); then the messages are published
 and confirmed; then the mark is removed (in the background: the send returns on the confirm). A
 producer that dies in between leaves a marked record, and a sweeper (run by every fetching
 process, every SWEEP_EVERY seconds) re-publishes records marked longer than `republish_after`
@@ -17,6 +17,11 @@ seconds. Publishing first instead would leave a message whose record may never c
 idempotency key, a full queue, the producer dying), and a fetch could not tell "not written yet"
 from "never will be" (nor from purged or cancelled) without a clock-based guess; a record-first
 sweep only ever adds a duplicate message, which the claim below already tolerates.
+
+Concurrent sends (enqueue_calls, fed by App's send batching): every call's records in one Redis
+pipeline (one MARK_ENQUEUE script per call, so each call's idempotency and bound stay atomic on
+their own), then every call's messages published before any confirm is awaited; a call that
+RabbitMQ refused (reject-publish: QueueFull) or that failed to publish is rolled back alone.
 
 Fetching (rabbitmq_consume): long-lived consumers on the fetched queues' priority classes push
 messages into a small local buffer (QoS prefetch sized from the fetch limit). A fetch takes up
@@ -45,7 +50,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aio_pika.exceptions
 from redis import exceptions as rex
@@ -56,7 +61,7 @@ from offload.brokers.rabbitmq_consume import Arrival, Inbox
 from offload.brokers.rabbitmq_link import AMQP_ERRORS, AmqpLink
 from offload.brokers.rabbitmq_sweep import Sweeper
 from offload.brokers.rabbitmq_url import AMQP_NAMES, CLASSES, UNPUBLISHED, parse_rabbitmq_url
-from offload.brokers.redis import RedisBroker
+from offload.brokers.redis import RedisBroker, _enqueue_meta, _enqueued
 from offload.errors import BrokerError, QueueFull
 from offload.message import Message
 
@@ -98,6 +103,9 @@ class RabbitMQBroker(RedisBroker):
         self._unmarking: list[str] = []
         self._unmarker: asyncio.Task[Any] | None = None
         self._sweeper = Sweeper(self._run, self._link, self._published, self._spawn, options)
+        # Concurrent sends reach enqueue_calls together: one Redis round trip for their records,
+        # then every message published before any confirm is awaited.
+        self.batches_enqueue_calls = True
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -126,11 +134,11 @@ class RabbitMQBroker(RedisBroker):
                 raise
 
     async def _load_scripts(self) -> None:
-        """The scripts sent inside MULTI/EXEC (as EVALSHA, without redis-py's SCRIPT EXISTS)."""
+        """The scripts sent in pipelines (as EVALSHA, without redis-py's SCRIPT EXISTS)."""
         client = await self._redis()
         with self._errors():
             async with client.pipeline(transaction=False) as pipe:
-                for name in ("MARK", "SETTLE"):
+                for name in ("MARK", "SETTLE", "MARK_ENQUEUE"):
                     pipe.script_load(self._scripts[name].script)
                 await pipe.execute()
 
@@ -216,33 +224,130 @@ class RabbitMQBroker(RedisBroker):
         await self._link.declare(name, 0)  # the usual class, so a first send does not wait for it
 
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
-        results = await super().enqueue(items)  # marked records, idempotency and the bound, atomically
-        now = time.time()
-        fresh = [(m, body) for (m, body), e in zip(items, results, strict=True) if e.created]
+        [outcome] = await self.enqueue_calls([items])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def enqueue_calls(
+        self, calls: Sequence[Sequence[tuple[Message, bytes]]]
+    ) -> Sequence[list[Enqueued] | Exception]:
+        """Several sends at once, each all-or-nothing on its own (see the module docstring).
+
+        1. Every call's records, marked "publish not confirmed", in one pipelined round trip
+           (MARK_ENQUEUE per call: idempotency and the bound, atomically per call).
+        2. Every fresh message of every call published before any confirm is awaited.
+        3. A call whose publish was refused (QueueFull) or failed is rolled back alone; the
+           others' marks are removed in the background.
+        """
+        outcomes = await self._mark_enqueue(calls)
+        fresh: dict[int, list[tuple[Message, bytes]]] = {}
+        for i, (items, outcome) in enumerate(zip(calls, outcomes, strict=True)):
+            if not isinstance(outcome, Exception):
+                created = [(m, body) for (m, body), e in zip(items, outcome, strict=True) if e.created]
+                if created:
+                    fresh[i] = created
         if not fresh:
-            return results
+            return outcomes
+        failed = await self._publish_calls(fresh)
+        if failed:
+            # Not confirmed: take those calls' records back, so each caller's error is the whole
+            # truth (a message that did go out finds no record and is dropped). If this fails
+            # too, the marked records are re-published by a sweeper: the jobs run although we
+            # raised.
+            with contextlib.suppress(Exception):
+                await self._run("ROLLBACK", [m.id for i in failed for m, _ in fresh[i]])
+            for i, exc in failed.items():
+                outcomes[i] = await self._refused(fresh[i], exc)
+        self._unmark_later([m.id for i, items in fresh.items() if i not in failed for m, _ in items])
+        return outcomes
+
+    async def _mark_enqueue(
+        self, calls: Sequence[Sequence[tuple[Message, bytes]]]
+    ) -> list[list[Enqueued] | Exception]:
+        """Each call's records, marked, by MARK_ENQUEUE: all in one pipeline (each script atomic
+        on its own). Returns each call's results, or its QueueFull or BrokerError."""
+        outcomes: list[list[Enqueued] | Exception] = [[] for _ in calls]
+        prepared = [_enqueue_meta(items) if items else None for items in calls]
+        piped: list[int] = []
+        for i, p in enumerate(prepared):
+            if p is None:
+                continue
+            if p[1] is not None:
+                piped.append(i)
+                continue
+            try:  # bodies too large for one argument: staged by the Redis broker's enqueue, whose
+                outcomes[i] = await super().enqueue(calls[i])  # script is MARK_ENQUEUE here (_run)
+            except (QueueFull, BrokerError) as exc:
+                outcomes[i] = exc
+        client = await self._redis()
+        sha, route, space = self._scripts["MARK_ENQUEUE"].sha, self._route[0], self.namespace
+        for attempt in (1, 2):
+            if not piped:
+                break
+            with self._errors():
+                async with client.pipeline(transaction=False) as pipe:
+                    for i in piped:
+                        meta, bodies = cast(tuple[bytes, bytes], prepared[i])
+                        pipe.evalsha(sha, 1, route, space, meta, bodies)
+                    replies = await pipe.execute(raise_on_error=False)
+            again = []
+            for i, reply in zip(piped, replies, strict=True):
+                if isinstance(reply, rex.NoScriptError) and attempt == 1:
+                    again.append(i)  # not run: Redis restarted or flushed its scripts
+                    continue
+                try:
+                    if isinstance(reply, Exception):
+                        with self._errors():
+                            raise reply
+                    outcomes[i] = _enqueued(calls[i], reply)
+                except (QueueFull, BrokerError) as exc:
+                    outcomes[i] = exc
+            piped = again
+            if piped:
+                await self._load_scripts()
+        return outcomes
+
+    async def _publish_calls(self, fresh: dict[int, list[tuple[Message, bytes]]]) -> dict[int, BaseException]:
+        """Publish every call's messages, all sent before any confirm is awaited (one round trip
+        for them all). Returns the calls not confirmed, with why."""
+        now = time.time()
+        flat = [(i, m, body) for i, items in fresh.items() for m, body in items]
         try:
-            for m, _ in fresh:  # declarations first, so the publishes below go out in order
+            for _, m, _ in flat:  # declarations first, so the publishes below go out in order
                 await self._link.declare(m.queue, min(9, max(0, m.priority)))
-            # Every message is sent before any confirm is awaited: one round trip for the batch.
-            await asyncio.gather(
+            answers = await asyncio.gather(
                 *(
                     self._link.publish(m.id, m.queue, m.priority, body, (m.eta or now) - now)
-                    for m, body in fresh
-                )
+                    for _, m, body in flat
+                ),
+                return_exceptions=True,
             )
-        except BaseException as exc:
-            # Not confirmed: take the records back, so the caller's error is the whole truth (a
-            # message that did go out finds no record and is dropped). If this fails too, the
-            # marked records are re-published by a sweeper: the job runs although we raised.
+        except Exception as exc:  # noqa: BLE001 - a declaration failed: nothing confirmed
+            return dict.fromkeys(fresh, exc)
+        except BaseException:  # cancelled: no caller hears of these jobs, so take them all back
             with contextlib.suppress(Exception):
-                await self._run("ROLLBACK", [m.id for m, _ in fresh])
-            if isinstance(exc, aio_pika.exceptions.DeliveryError):
-                [stats] = await self.stats([fresh[0][0].queue])
-                raise QueueFull(stats.queue, stats.depth, self.max_length, stats.drain_rate) from exc
+                await self._run("ROLLBACK", [m.id for _, m, _ in flat])
             raise
-        self._unmark_later([m.id for m, _ in fresh])
-        return results
+        failed: dict[int, BaseException] = {}
+        for (i, _, _), answer in zip(flat, answers, strict=True):
+            if isinstance(answer, BaseException) and i not in failed:
+                failed[i] = answer
+        return failed
+
+    async def _refused(self, items: list[tuple[Message, bytes]], exc: BaseException) -> Exception:
+        """What a call whose publish was not confirmed raises: QueueFull if RabbitMQ refused it."""
+        if isinstance(exc, aio_pika.exceptions.DeliveryError):
+            try:
+                [stats] = await self.stats([items[0][0].queue])
+            except BrokerError as lost:
+                return lost
+            full = QueueFull(stats.queue, stats.depth, self.max_length, stats.drain_rate)
+            full.__cause__ = exc
+            return full
+        if isinstance(exc, Exception):
+            return exc
+        return BrokerError(f"publishing to RabbitMQ failed: {exc!r}")
 
     # -- fetch ---------------------------------------------------------------------------------
 

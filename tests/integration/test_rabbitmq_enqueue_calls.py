@@ -1,0 +1,85 @@
+"""The RabbitMQ broker's enqueue_calls against real servers: concurrent sends share round trips,
+and a call RabbitMQ refuses (x-max-length, reject-publish) is rolled back alone.
+
+Uses the shared test servers (OFFLOAD_TEST_AMQP_URL, OFFLOAD_TEST_REDIS_URL; skipped if either is
+unreachable unless CI=true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from contract import rabbitmq_store
+from contract.support import item
+from offload import App, QueueFull
+from offload.brokers.rabbitmq import RabbitMQBroker
+from offload.brokers.rabbitmq_url import UNPUBLISHED
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def url(tmp_path: Path) -> AsyncIterator[str]:
+    made = rabbitmq_store.rabbitmq_url(tmp_path)
+    yield made
+    await asyncio.to_thread(rabbitmq_store.cleanup, made)
+
+
+async def test_a_call_rabbitmq_refuses_is_rolled_back_alone(url: str) -> None:
+    broker = RabbitMQBroker(url + "&max_length=1")
+    await broker.connect()
+    try:
+        assert broker.batches_enqueue_calls
+        # x-max-length=1: a quorum queue refuses publishes once it is over the limit (2 here).
+        kept = [(await broker.enqueue([item(queue="full")]))[0].job_id for _ in range(2)]
+        full_one, other = [item(queue="full")], [item(queue="other")]
+        full_two = [item(queue="full"), item(queue="full")]
+        outcomes = await broker.enqueue_calls([full_one, other, [], full_two])
+
+        assert isinstance(outcomes[0], QueueFull)
+        assert isinstance(outcomes[1], list) and outcomes[1][0].created
+        assert outcomes[2] == []
+        assert isinstance(outcomes[3], QueueFull)
+        for m, _ in full_one + full_two:
+            assert await broker.get_job(m.id) is None  # rolled back, with its mark
+        full, others = await broker.stats(["full", "other"])
+        assert (full.depth, others.depth) == (2, 1)
+        await asyncio.sleep(0.2)  # the background unmark
+        client = await broker._redis()
+        assert await client.zcard(broker.namespace + UNPUBLISHED) == 0
+
+        got = await broker.fetch(["full", "other"], 10, wait=2.0)
+        assert sorted(d.job_id for d in got) == sorted([*kept, other[0][0].id])
+    finally:
+        await broker.close()
+
+
+async def test_concurrent_sends_share_round_trips(url: str) -> None:
+    app = App(url)
+    app.queue("burst", max_depth=None)
+
+    @app.task(queue="burst")
+    def noop(i: int) -> None:
+        return None
+
+    broker = await app.broker()
+    calls: list[int] = []
+    original = broker.enqueue_calls
+
+    async def counted(batch):  # type: ignore[no-untyped-def]
+        calls.append(len(batch))
+        return await original(batch)
+
+    broker.enqueue_calls = counted  # type: ignore[method-assign]
+    try:
+        jobs = await asyncio.gather(*(noop.send_async(i) for i in range(40)))
+        assert len({j.id for j in jobs}) == 40
+        assert sum(calls) == 40 and len(calls) < 40  # batched
+        [stats] = await broker.stats(["burst"])
+        assert stats.ready == 40
+    finally:
+        await app.close_async()
