@@ -40,6 +40,14 @@ from acceptance_harness import (
 from offload.brokers import base
 
 SHARED = os.environ.get("OFFLOAD_TEST_NATS_URL", "nats://127.0.0.1:4222")
+# The harness runs the CLI without the OFFLOAD_* environment, so the transport under test
+# (OFFLOAD_NATS_TRANSPORT, else the broker's default) is named in every URL.
+TRANSPORT = os.environ.get("OFFLOAD_NATS_TRANSPORT", "")
+
+
+def _app_url(server: str, bucket: str) -> str:
+    query = f"bucket={bucket}" + (f"&transport={TRANSPORT}" if TRANSPORT else "")
+    return f"{server}?{query}"
 
 
 def _unavailable(message: str) -> None:
@@ -117,7 +125,7 @@ class NatsServer(ServerProcess):
         self.dir = directory
         self.binary = binary
         self.port = free_port(4300, 4400)
-        self.url = f"nats://127.0.0.1:{self.port}?bucket=faults"
+        self.url = _app_url(f"nats://127.0.0.1:{self.port}", "faults")
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -155,7 +163,7 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 @pytest.mark.timeout(300)
 def test_sigkill_of_a_worker_mid_run_loses_no_job(tmp_path: Path, shared_bucket: str) -> None:
-    harness = Harness(tmp_path, f"{SHARED}?bucket={shared_bucket}")
+    harness = Harness(tmp_path, _app_url(SHARED, shared_bucket))
     try:
         sigkill_a_worker_mid_run(harness, 5000, "NATS")
     finally:
@@ -186,7 +194,7 @@ def test_late_ack_of_a_cut_off_worker_is_refused(
 ) -> None:
     # The lease is sized when the job is enqueued (here, in this process): 2 s for `stale`.
     monkeypatch.setattr(base, "DEFAULT_LEASE", 2.0)
-    url = f"{SHARED}?bucket={shared_bucket}"
+    url = _app_url(SHARED, shared_bucket)
     parts = urlsplit(SHARED)
     proxy = TcpProxy(parts.port or 4222, parts.hostname or "127.0.0.1")
     harness = Harness(tmp_path, url)

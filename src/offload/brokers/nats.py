@@ -28,7 +28,7 @@ from nats.js import errors as js_errors
 
 from offload.brokers import nats_keys as k
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, lease_seconds
-from offload.brokers.nats_kv import MAX_WAIT, Entry
+from offload.brokers.nats_kv import MAX_WAIT, Entry, keep_claims
 from offload.brokers.nats_stream import NatsStream
 from offload.errors import QueueFull
 from offload.job import JobInfo, JobState
@@ -251,8 +251,14 @@ class NatsBroker(NatsStream, Broker):
             # the next candidate in the following round. gather keeps the priority order.
             batch = candidates[position : position + limit - len(out)]
             position += len(batch)
-            claimed = await asyncio.gather(*(self._claim(job_id, windex, now) for _, job_id, windex in batch))
+            claimed = await asyncio.gather(
+                *(self._claim(job_id, windex, now) for _, job_id, windex in batch), return_exceptions=True
+            )
             out.extend(d for d in claimed if isinstance(d, Delivery))
+            failure = next((e for e in claimed if isinstance(e, BaseException)), None)
+            if failure is not None:
+                keep_claims(out, failure)
+                break
         return out, next_due
 
     # -- settle --------------------------------------------------------------------------------
@@ -273,6 +279,7 @@ class NatsBroker(NatsStream, Broker):
         rec, revision = found
         old = rec.index
         rec.token = 0
+        rec.src = ""  # the claim that set it deleted that key: it returned a delivery
         if outcome.kind == "ack":
             rec.state = JobState.SUCCEEDED.value
             rec.result, rec.error, rec.finished = outcome.result, None, now

@@ -53,6 +53,9 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     finished: float | None = None
     ikey: str | None = None
     index: str = ""  # the index key (w./r./d./x.) that currently points at this record
+    # While running: the ready key it was claimed from. A claim cut off after its CAS (an outage
+    # between its writes) leaves that key; the lease recovery that must follow deletes it.
+    src: str = ""
     body: bytes = b""
     result: bytes | None = None
     error: str | None = None

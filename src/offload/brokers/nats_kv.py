@@ -350,6 +350,7 @@ class NatsKv:
         rec.started = now
         rec.lease_exp = now + rec.lease
         rec.index = k.running(rec.queue, job_id)
+        rec.src = windex
         # The running key first (value: lease expiry), so a lease is always found when it expires.
         await self._put(rec.index, repr(rec.lease_exp).encode())
         if not await self._cas(k.job(job_id), k.dump(rec), revision):
@@ -378,17 +379,20 @@ class NatsKv:
             await self._put(rindex, repr(rec.lease_exp).encode())
             return False
         rec.token = 0
+        # Nobody settled it, so its claim may have been cut off before it deleted the ready key it
+        # came from: delete that key too (a stray ready key would count as ready in stats).
+        src, rec.src = rec.src, ""
         if rec.deliv >= rec.maxd:
             rec.error = (
                 f"delivered {rec.deliv} times without being settled (max_deliveries={rec.maxd}); "
                 "the worker crashed or lost its lease each time"
             )
-            await self._to_dead(job_id, rec, revision, rindex, now)
+            await self._to_dead(job_id, rec, revision, rindex, now, src)
             return False
-        return await self._to_waiting(job_id, rec, revision, rindex, now, now)
+        return await self._to_waiting(job_id, rec, revision, rindex, now, now, src)
 
     async def _to_waiting(
-        self, job_id: str, rec: k.Record, revision: int, old: str, run_at: float, now: float
+        self, job_id: str, rec: k.Record, revision: int, old: str, run_at: float, now: float, src: str = ""
     ) -> bool:
         """Make the job wait again: ready (a w. key, handed out by its class's consumer) or, if
         run_at is in the future, delayed (a t. key, promoted when due)."""
@@ -405,11 +409,13 @@ class NatsKv:
         if not await self._cas(k.job(job_id), k.dump(rec), revision):
             await self._delete(rec.index)
             return False
-        await self._delete(old)
+        await self._delete(old, src)
         self._note(rec.queue, rec.prio, run_at if delayed else None)
         return True
 
-    async def _to_dead(self, job_id: str, rec: k.Record, revision: int, old: str, now: float) -> bool:
+    async def _to_dead(
+        self, job_id: str, rec: k.Record, revision: int, old: str, now: float, src: str = ""
+    ) -> bool:
         was_running = rec.state == JobState.RUNNING.value
         rec.state = JobState.DEAD.value
         rec.finished = now
@@ -418,7 +424,7 @@ class NatsKv:
         if not await self._cas(k.job(job_id), k.dump(rec), revision):
             await self._delete(rec.index)
             return False
-        await self._delete(old)
+        await self._delete(old, src)
         if was_running:
             await self._finished(rec.queue, now)
         return True
@@ -494,6 +500,15 @@ class NatsKv:
         kv = await self._store()
         with self._errors():
             await kv.delete(key, last=revision)
+
+
+def keep_claims(claimed: list[Delivery], failure: BaseException) -> None:
+    """A fetch's claims run concurrently; when some fail (the link dropped mid-fetch), the jobs
+    the others leased are returned all the same, else they would wait for their leases to expire.
+    Only a fetch that leased nothing fails."""
+    if not claimed:
+        raise failure
+    log.warning("a claim failed (%s); returning the %d job(s) leased", failure, len(claimed))
 
 
 async def _log_error(exc: Exception) -> None:

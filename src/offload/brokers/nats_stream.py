@@ -39,7 +39,7 @@ from nats.js import errors as js_errors
 
 from offload.brokers import nats_keys as k
 from offload.brokers.base import Delivery
-from offload.brokers.nats_kv import FINAL, STALE_AFTER, NatsKv
+from offload.brokers.nats_kv import FINAL, STALE_AFTER, NatsKv, keep_claims
 from offload.errors import BrokerError
 from offload.job import JobState
 
@@ -229,6 +229,7 @@ class NatsStream(NatsKv):
         levels = sorted({t for q in qkeys for t in self._classes.get(q, ())})  # highest first
         out: list[Delivery] = []
         retry_at: float | None = None
+        failure: BaseException | None = None
         for token in levels:
             serving = [q for q in qkeys if token in self._classes.get(q, ())]
             while len(out) < limit:
@@ -240,16 +241,22 @@ class NatsStream(NatsKv):
                 taken, spare = merged[:need], merged[need:]
                 for msg in spare:
                     await msg.nak()  # another queue's older job won; redelivered first
-                claimed = await asyncio.gather(*(self._claim_msg(msg, now) for msg in taken))
+                claimed = await asyncio.gather(
+                    *(self._claim_msg(msg, now) for msg in taken), return_exceptions=True
+                )
                 for result in claimed:
-                    if isinstance(result, Delivery):
+                    if isinstance(result, BaseException):
+                        failure = failure or result
+                    elif isinstance(result, Delivery):
                         out.append(result)
                     elif result is not None:
                         retry_at = result if retry_at is None else min(retry_at, result)
-                if all(len(p) < need for p in pulled):
-                    break  # every consumer of this class ran dry
-            if len(out) >= limit:
+                if failure is not None or all(len(p) < need for p in pulled):
+                    break  # every consumer of this class ran dry, or the broker is away
+            if len(out) >= limit or failure is not None:
                 break
+        if failure is not None:
+            keep_claims(out, failure)
         if self._notes:
             await self._signal()
         return out, retry_at
