@@ -37,12 +37,14 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_url_options_are_parsed_and_checked() -> None:
-    redis_url, prefix, require = parse_redis_url(
+    parsed = parse_redis_url(
         "redis://:secret@example.com:6380/2?prefix=jobs:&require_noeviction=true&socket_timeout=3"
     )
-    assert (prefix, require) == ("jobs:", True)
-    assert redis_url == "redis://:secret@example.com:6380/2?socket_timeout=3"
-    assert parse_redis_url("rediss://h/0")[1:] == ("offload:", False)
+    assert (parsed.prefix, parsed.require_noeviction, parsed.wait_replicas) == ("jobs:", True, 0)
+    assert parsed.client_url == "redis://:secret@example.com:6380/2?socket_timeout=3"
+    assert parsed.where == "example.com:6380" and parsed.sentinels == ()
+    parsed = parse_redis_url("rediss://h/0")
+    assert (parsed.prefix, parsed.require_noeviction) == ("offload:", False)
     with pytest.raises(ConfigurationError, match="unknown Redis URL option 'prefx'"):
         broker_from_url("redis://127.0.0.1/0?prefx=x")
     with pytest.raises(ConfigurationError, match="require_noeviction"):

@@ -218,7 +218,7 @@ async def test_an_unreachable_server_is_the_async_paths_broker_error(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    redis_broker._blocking_link = BlockingLink(f"redis://127.0.0.1:{port}/0", {}, 5.0)
+    redis_broker._blocking_link = BlockingLink.from_url(f"redis://127.0.0.1:{port}/0", {}, 5.0)
     with pytest.raises(BrokerError) as caught:
         await in_thread(blocking(redis_broker), [redis_item()])
     message = str(caught.value)

@@ -26,6 +26,8 @@ SCHEMES: dict[str, _Kind] = {
     "sqlite": _Kind("offload.brokers.sqlite", "SqliteBroker", None, None),
     "redis": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
     "rediss": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
+    "redis+sentinel": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
+    "rediss+sentinel": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
     "postgresql": _Kind("offload.brokers.postgres", "PostgresBroker", "asyncpg", "postgres"),
     "postgres": _Kind("offload.brokers.postgres", "PostgresBroker", "asyncpg", "postgres"),
     "nats": _Kind("offload.brokers.nats", "NatsBroker", "nats", "nats"),

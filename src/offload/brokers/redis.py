@@ -2,6 +2,7 @@
 
     redis://[[user]:password@]host:6379/0?prefix=offload:&require_noeviction=true
     rediss://...   (TLS)
+    redis+sentinel://host1:26379,host2:26379/mymaster/0?...   (the primary that Sentinels name)
 
 Every state change is one Lua script (see redis_scripts), so it is atomic, and every batchable
 operation is one script call: an enqueue batch, a fetch of up to `limit` jobs, a batch of
@@ -24,18 +25,22 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from offload.brokers import redis_keys as keys
 from offload.brokers import redis_scripts as lua
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle
 from offload.brokers.redis_blocking import ENQUEUE_SHA, BlockingLink, command, evalsha
+from offload.brokers.redis_client import (
+    AsyncSentinel,
+    open_blocking_link,
+    open_client,
+    too_few_replicas,
+    wait_command,
+)
 from offload.brokers.redis_records import (
     _JOB_FIELDS,
     _deliveries,
@@ -46,8 +51,8 @@ from offload.brokers.redis_records import (
 )
 from offload.brokers.redis_records import _enqueue_meta as _enqueue_meta  # re-exported: rabbitmq.py
 from offload.brokers.redis_records import _enqueued as _enqueued  # imports them from here
-from offload.brokers.redis_url import parse_redis_url
-from offload.errors import BrokerError, QueueFull
+from offload.brokers.redis_url import parse_redis_url, redact
+from offload.errors import BrokerError, ConfigurationError, QueueFull
 from offload.job import JobInfo
 from offload.message import Message
 
@@ -57,28 +62,25 @@ log = logging.getLogger("offload.broker")
 MAX_BLOCK = 5.0
 # Shorter waits are slept: Redis checks blocking timeouts only every 1/hz s (100 ms by default).
 MIN_BLOCK = 0.01
-SOCKET_TIMEOUT = 30.0
-CONNECT_TIMEOUT = 5.0
-MAX_CONNECTIONS = 64  # per broker, and again for its sync senders; the URL's max_connections overrides it
 STAGE_TTL = 3600
-_POOL_OPTIONS: dict[str, Any] = {
-    "max_connections": MAX_CONNECTIONS,
-    "timeout": SOCKET_TIMEOUT,
-    "socket_timeout": SOCKET_TIMEOUT,
-    "socket_connect_timeout": CONNECT_TIMEOUT,
-    "socket_keepalive": True,
-}
 
 
 class RedisBroker(Broker):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0") -> None:
         self.url = url
-        self._redis_url, self.prefix, self.require_noeviction = parse_redis_url(url)
+        self.target = parse_redis_url(url)
+        self._redis_url, self.prefix = self.target.client_url, self.target.prefix
+        self.require_noeviction = self.target.require_noeviction
         self.namespace = keys.keyspace(self.prefix)
-        parts = urlsplit(self._redis_url)
-        self.where = f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
+        self.where = self.target.where
+        if self.target.wait_replicas and not self._blocking_enqueues():
+            raise ConfigurationError(
+                f"wait_replicas in {redact(url)!r}: only the Redis broker's own enqueue waits for "
+                "replicas; remove it from this broker's Redis URL"
+            )
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self._client: aioredis.Redis | None = None
+        self._sentinel: AsyncSentinel | None = None  # asked for the primary's address (Sentinel URLs)
         self._scripts: dict[str, AsyncScript] = {}
         self._blocking_link: BlockingLink | None = None  # enqueue_blocking's connections, made by connect()
         # Concurrent sends reach enqueue_calls together: one pipelined round trip for all.
@@ -109,6 +111,8 @@ class RedisBroker(Broker):
                 hint = "Redis is out of memory (maxmemory reached): raise maxmemory or drain the queues"
             elif text.startswith("READONLY"):
                 hint = "this is a read-only replica: point OFFLOAD_BROKER_URL at the primary"
+            elif text.startswith("UNBLOCKED"):
+                hint = "the server stopped being the primary (a failover?): the next command reconnects"
             elif text.startswith("MISCONF"):
                 hint = "Redis cannot persist to disk and refuses writes: check the Redis server's log"
             elif text.startswith("NOPERM"):
@@ -120,21 +124,15 @@ class RedisBroker(Broker):
     async def connect(self) -> None:
         if self._client is not None:
             return
-        # Past max_connections, commands wait for a free connection rather than fail.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._redis_url,
-            **_POOL_OPTIONS,
-            # No silent re-sends: a script whose reply was lost may have run. Callers see a
-            # BrokerError and decide (the worker retries its fetch; enqueue is safe to re-send).
-            retry=Retry(NoBackoff(), 0),
-        )
-        client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        client, sentinel = open_client(self.target)  # past max_connections, commands wait
         try:
             with self._errors():
                 await client.ping()
             await self._check_eviction_policy(client)
         except BaseException:
             await client.aclose()
+            if sentinel is not None:
+                await sentinel.aclose()
             raise
         self._scripts = {
             name: client.register_script(getattr(lua, name))
@@ -153,8 +151,8 @@ class RedisBroker(Broker):
         }
         if self._blocking_enqueues():
             # Connects when a sync sender first uses it.
-            self._blocking_link = BlockingLink(self._redis_url, _POOL_OPTIONS, SOCKET_TIMEOUT)
-        self._client = client
+            self._blocking_link = open_blocking_link(self.target)
+        self._client, self._sentinel = client, sentinel
 
     async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
         try:
@@ -186,6 +184,9 @@ class RedisBroker(Broker):
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+        if self._sentinel is not None:
+            sentinel, self._sentinel = self._sentinel, None
+            await sentinel.aclose()
 
     async def _redis(self) -> aioredis.Redis:
         if self._client is None:
@@ -210,7 +211,7 @@ class RedisBroker(Broker):
             return []
         meta, bodies = _enqueue_meta(items)
         if bodies is not None:
-            reply = await self._run("ENQUEUE", [meta, bodies])
+            reply = await self._enqueue_script([meta, bodies])
         else:
             client = await self._redis()
             key = self._stage_key()
@@ -218,8 +219,25 @@ class RedisBroker(Broker):
                 for chunk in _stage_chunks(items):
                     await cast(Any, client.hset(key, mapping=cast(Any, chunk)))
                 await cast(Any, client.expire(key, STAGE_TTL))
-            reply = await self._run("ENQUEUE", [meta, b"", key])
+            reply = await self._enqueue_script([meta, b"", key])
         return _enqueued(items, reply)
+
+    async def _enqueue_script(self, args: Sequence[Any]) -> Any:
+        """The ENQUEUE script, then (with wait_replicas) WAIT on the same connection."""
+        if not self.target.wait_replicas:
+            return await self._run("ENQUEUE", args)
+        client = await self._redis()
+        with self._errors():
+            pipe = client.pipeline(transaction=False)
+            await self._scripts["ENQUEUE"](keys=self._route, args=[self.namespace, *args], client=pipe)
+            pipe.execute_command(*wait_command(self.target))
+            reply, confirmed = await pipe.execute(raise_on_error=False)
+            for answer in (reply, confirmed):
+                if isinstance(answer, Exception):
+                    raise answer
+        if short := too_few_replicas(self.target, confirmed):
+            raise short
+        return reply
 
     async def enqueue_calls(
         self, calls: Sequence[Sequence[tuple[Message, bytes]]]
@@ -237,7 +255,11 @@ class RedisBroker(Broker):
                 if p is not None:
                     meta, bodies = p
                     await script(keys=self._route, args=[self.namespace, meta, bodies or b""], client=pipe)
-            replies = iter(await pipe.execute(raise_on_error=False))
+            if self.target.wait_replicas:
+                pipe.execute_command(*wait_command(self.target))
+            answers = await pipe.execute(raise_on_error=False)
+        confirmed = answers.pop() if self.target.wait_replicas else None
+        replies = iter(answers)
         outcomes: list[list[Enqueued] | Exception] = []
         for items, p in zip(calls, prepared, strict=True):
             reply = next(replies) if p is not None else []
@@ -248,6 +270,9 @@ class RedisBroker(Broker):
                 outcomes.append(_enqueued(items, reply) if p is not None else [])
             except (QueueFull, BrokerError) as exc:
                 outcomes.append(exc)
+        # With wait_replicas, too few confirmations put every call the scripts stored in question.
+        if confirmed is not None and (short := too_few_replicas(self.target, confirmed)):
+            return [short if isinstance(o, list) and o else o for o in outcomes]
         return outcomes
 
     def _batches_in_scripts(self) -> bool:
@@ -292,8 +317,16 @@ class RedisBroker(Broker):
                 command(conn, "EXPIRE", key, STAGE_TTL)
                 return evalsha(conn, ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, b"", key)
 
+        wait = wait_command(self.target) if self.target.wait_replicas else None
+
+        def send_and_wait(conn: Any) -> tuple[Any, Any]:
+            reply = send(conn)  # then WAIT on the same connection, for this batch's writes
+            return reply, command(conn, *wait) if wait else None
+
         with self._errors():
-            reply = link.run(send)
+            reply, confirmed = link.run(send_and_wait)
+        if wait and (short := too_few_replicas(self.target, confirmed)):
+            raise short
         return _enqueued(items, reply)
 
     def _stage_key(self) -> str:

@@ -32,13 +32,13 @@ class BlockingLink:
     the async client's pool); a forked child opens its own.
     """
 
-    def __init__(self, url: str, options: dict[str, Any], wait: float) -> None:
-        # Parses the URL and its options (TLS, auth, db, timeouts) once; it never opens anything.
-        pool = redis.ConnectionPool.from_url(
-            url,
-            **{name: value for name, value in options.items() if name != "timeout"},
-            retry=Retry(NoBackoff(), 0),  # no silent re-sends, as for the async client
-        )
+    def __init__(
+        self, pool: redis.ConnectionPool, wait: float, on_close: Callable[[], None] | None = None
+    ) -> None:
+        """Connections like `pool`'s (never opened by the pool itself: only its connection class
+        and arguments are used; a Sentinel pool's connections ask the Sentinels where to go)."""
+        self._pool = pool  # kept: a Sentinel pool's connections refer back to it
+        self._on_close = on_close  # closes what else the link holds (a Sentinel client's sockets)
         self._wait = wait  # seconds a sender waits for a free connection
         self._connection_class = pool.connection_class
         self._connection_kwargs = pool.connection_kwargs
@@ -46,6 +46,17 @@ class BlockingLink:
         self._idle: list[Any] = []  # redis.connection.Connection (untyped)
         self._pid = os.getpid()
         self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, options: dict[str, Any], wait: float) -> BlockingLink:
+        """For a redis:// or rediss:// URL: parses it and its options (TLS, auth, db, timeouts)
+        once; it never opens anything."""
+        pool = redis.ConnectionPool.from_url(
+            url,
+            **{name: value for name, value in options.items() if name != "timeout"},
+            retry=Retry(NoBackoff(), 0),  # no silent re-sends, as for the async client
+        )
+        return cls(pool, wait)
 
     def run(self, send: Callable[[Any], Any]) -> Any:
         """`send(connection)` on a connection of this process, once more on a fresh one if a
@@ -64,14 +75,14 @@ class BlockingLink:
             try:
                 conn, fresh = self._idle.pop(), False
             except IndexError:
-                conn, fresh = self._connection_class(**self._connection_kwargs), True
+                conn, fresh = self._connect(), True
             try:
                 reply = send(conn)
             except rex.ConnectionError:
                 conn.disconnect()
                 if fresh:
                     raise
-                conn = self._connection_class(**self._connection_kwargs)
+                conn = self._connect()
                 try:
                     reply = send(conn)
                 except BaseException:
@@ -91,11 +102,26 @@ class BlockingLink:
         finally:
             self._slots.release()
 
+    def _connect(self) -> Any:
+        """A new connection, connected. Connecting first matters for a Sentinel-managed one: it
+        asks the Sentinels for the primary's address in `connect()`, which sending a command on
+        an unconnected connection would skip (and go to the default address instead)."""
+        conn = self._connection_class(**self._connection_kwargs)
+        try:
+            conn.connect()
+        except BaseException:
+            conn.disconnect()
+            raise
+        return conn
+
     def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.disconnect()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
 
 
 def command(conn: Any, *args: Any) -> Any:
