@@ -312,25 +312,22 @@ class RabbitMQBroker(RedisBroker):
         """Publish every call's messages, all sent before any confirm is awaited (one round trip
         for them all). Returns the calls not confirmed, with why."""
         now = time.time()
-        flat = [(i, m, body) for i, items in fresh.items() for m, body in items]
+        flat = [(i, m) for i, items in fresh.items() for m, _ in items]
         try:
-            for _, m, _ in flat:  # declarations first, so the publishes below go out in order
+            for _, m in flat:  # declarations first, so the publishes below go out in order
                 await self._link.declare(m.queue, min(9, max(0, m.priority)))
             answers = await asyncio.gather(
-                *(
-                    self._link.publish(m.id, m.queue, m.priority, body, (m.eta or now) - now)
-                    for _, m, body in flat
-                ),
+                *(self._link.publish(m.id, m.queue, m.priority, (m.eta or now) - now) for _, m in flat),
                 return_exceptions=True,
             )
         except Exception as exc:  # noqa: BLE001 - a declaration failed: nothing confirmed
             return dict.fromkeys(fresh, exc)
         except BaseException:  # cancelled: no caller hears of these jobs, so take them all back
             with contextlib.suppress(Exception):
-                await self._run("ROLLBACK", [m.id for _, m, _ in flat])
+                await self._run("ROLLBACK", [m.id for _, m in flat])
             raise
         failed: dict[int, BaseException] = {}
-        for (i, _, _), answer in zip(flat, answers, strict=True):
+        for (i, _), answer in zip(flat, answers, strict=True):
             if isinstance(answer, BaseException) and i not in failed:
                 failed[i] = answer
         return failed
@@ -497,7 +494,7 @@ class RabbitMQBroker(RedisBroker):
 
     async def _delay(self, a: Arrival, queue: str, prio: int, seconds: float) -> None:
         try:
-            await self._link.publish(a.job_id, queue, prio, a.body, seconds)
+            await self._link.publish(a.job_id, queue, prio, seconds)
         except (BrokerError, *AMQP_ERRORS) as exc:
             log.warning("delaying job %s failed (RabbitMQ will redeliver it): %s", a.job_id, exc)
             await self._inbox.nack([a])
@@ -544,9 +541,7 @@ class RabbitMQBroker(RedisBroker):
         for o, prio in back:
             d = o.delivery
             p = prio if prio is not None else int(routes[d.job_id][2])
-            sends.append(
-                self._link.publish(d.job_id, d.queue, p, d.body, o.delay if o.kind == "retry" else 0.0)
-            )
+            sends.append(self._link.publish(d.job_id, d.queue, p, o.delay if o.kind == "retry" else 0.0))
         try:
             await asyncio.gather(*sends)
         except (BrokerError, *AMQP_ERRORS) as exc:

@@ -41,10 +41,8 @@ class Arrival:
     epoch: int  # the consumer channel that delivered it (a tag means nothing on another)
     job_id: str
     name: str  # the AMQP queue
-    queue: str  # the offload queue
     prio: int
-    seq: int
-    body: bytes
+    seq: int  # publish time (ns)
 
 
 class Inbox:
@@ -94,7 +92,7 @@ class Inbox:
                         await channel.basic_qos(prefetch_count=prefetch)
                         self._prefetch = prefetch
                     tag = f"offload.{uuid.uuid4().hex}"
-                    on_message = functools.partial(self._on_message, self._epoch, name)
+                    on_message = functools.partial(self._on_message, self._epoch, name, int(name[-1]))
                     self._consumers[name] = tag
                     try:
                         await channel.basic_consume(name, on_message, consumer_tag=tag)
@@ -123,12 +121,14 @@ class Inbox:
             task = asyncio.ensure_future(carrier.close())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _on_message(self, epoch: int, name: str, message: aiormq.abc.DeliveredMessage) -> None:
+    async def _on_message(
+        self, epoch: int, name: str, prio: int, message: aiormq.abc.DeliveredMessage
+    ) -> None:
         # Runs as its own task, started when aiormq read the delivery: in delivery order, and
         # ahead of whatever waits for a later frame (a basic.get's answer).
         if epoch != self._epoch:
             return  # a closed channel's delivery: RabbitMQ has it back
-        arrival = _arrival(message, epoch, name)
+        arrival = _arrival(message, epoch, name, prio)
         self._unacked.add(arrival.tag)
         self._buffer.setdefault(name, deque()).append(arrival)
         self.arrived.set()
@@ -145,7 +145,7 @@ class Inbox:
             message = await channel.basic_get(name, no_ack=False)
         if not isinstance(message.delivery, spec.Basic.GetOk) or epoch != self._epoch:
             return None
-        arrival = _arrival(message, epoch, name)
+        arrival = _arrival(message, epoch, name, int(name[-1]))
         self._unacked.add(arrival.tag)
         self._buffer.setdefault(name, deque()).append(arrival)
         return arrival
@@ -231,16 +231,18 @@ class Inbox:
                 await carrier.close()
 
 
-def _arrival(message: aiormq.abc.DeliveredMessage, epoch: int, name: str) -> Arrival:
+def _arrival(message: aiormq.abc.DeliveredMessage, epoch: int, name: str, prio: int) -> Arrival:
+    """The class is the queue's (`<prefix>.<queue>.p<N>`); the body, if any, is ignored (the
+    record holds it, see rabbitmq_link)."""
     props = message.header.properties
-    headers: dict[str, Any] = props.headers or {}
+    seq: Any = props.correlation_id
+    if not seq:  # published by an older version: in its headers
+        seq = (props.headers or {}).get("seq", 0)
     return Arrival(
         tag=int(message.delivery.delivery_tag or 0),  # type: ignore[union-attr]
         epoch=epoch,
         job_id=props.message_id or "",
         name=name,
-        queue=str(headers.get("q", "")),
-        prio=int(headers.get("p", 0)),
-        seq=int(headers.get("seq", 0)),
-        body=message.body,
+        prio=prio,
+        seq=int(seq),
     )

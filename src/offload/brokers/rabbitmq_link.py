@@ -9,6 +9,13 @@ Queues, per offload queue `q` (names start with `prefix`):
     <prefix>.delay.<ms>   quorum delay bucket: x-message-ttl=<ms>, dead-letters (at-least-once)
                           through the topic exchange <prefix>.work back to the job's class queue
     <prefix>.poison       messages RabbitMQ itself gave up on (x-delivery-limit)
+
+A job's message is only a pointer to its record in the state store: `message_id` is the job id,
+`correlation_id` the publish time in nanoseconds (the buffer's order across queues), and the
+body is empty. The record holds the job's body (a claim reads it there, and a message whose
+record is gone is dropped at its claim anyway), so RabbitMQ stores and sends no copy of it, and
+a delivery is two frames (method and content header) instead of three; the priority class and
+the offload queue are in the AMQP queue's name.
 """
 
 from __future__ import annotations
@@ -162,7 +169,7 @@ class AmqpLink:
             await q.bind(f"{self.prefix}.delay", routing_key=f"{ms}.#")
         self._declared.add(name)
 
-    async def publish(self, job_id: str, queue: str, prio: int, body: bytes, delay: float) -> None:
+    async def publish(self, job_id: str, queue: str, prio: int, delay: float) -> None:
         """Publish one job message (to its class queue, or to a delay bucket); return on the confirm.
 
         Raises DeliveryError if RabbitMQ refused it (a full queue), BrokerError if it is unreachable.
@@ -170,10 +177,10 @@ class AmqpLink:
         prio = min(9, max(0, prio))
         target = await self.declare(queue, prio)
         message = aio_pika.Message(
-            body,
+            b"",
             message_id=job_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={"q": queue, "p": prio, "seq": time.time_ns()},
+            correlation_id=str(time.time_ns()),
         )
         if delay > 0:
             ms = bucket_ms(delay)

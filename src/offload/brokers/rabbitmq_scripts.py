@@ -104,16 +104,16 @@ return 0
 """
 )
 
-# ARGV: namespace, ids... Returns per id: state, queue, prio, seconds until due, body (what a
-# re-publish needs).
+# ARGV: namespace, ids... Returns per id: state, queue, prio, seconds until due (what a
+# re-publish needs: a message carries no body, see rabbitmq_link).
 ROUTE = _script(
     """
 local now = now_ts()
 local out = {}
 for i = 2, #ARGV do
-  local f = redis.call('HMGET', k_job(ARGV[i]), 'state', 'queue', 'prio', 'run_at', 'body')
+  local f = redis.call('HMGET', k_job(ARGV[i]), 'state', 'queue', 'prio', 'run_at')
   local wait = math.max(0, tonumber(f[4] or '0') - now)
-  out[#out + 1] = {f[1] or '', f[2] or '', f[3] or '0', fmt(wait), f[5] or ''}
+  out[#out + 1] = {f[1] or '', f[2] or '', f[3] or '0', fmt(wait)}
 end
 return out
 """
@@ -143,7 +143,7 @@ end
 
 # ARGV: namespace, seconds, limit. Takes up to `limit` ids marked unpublished more than `seconds`
 # ago: one whose record is queued is re-marked now (this sweeper owns it for `seconds`) and
-# returned as {id, queue, prio, seconds until due, body}; any other (no record: rolled back,
+# returned as {id, queue, prio, seconds until due}; any other (no record: rolled back,
 # an idempotency duplicate, purged; or delivered since) is unmarked.
 SWEEP = _script(
     """
@@ -152,10 +152,10 @@ local out = {}
 local old = redis.call('ZRANGEBYSCORE', K_UNPUBLISHED, '-inf', fmt(now - tonumber(ARGV[2])), 'LIMIT', 0,
   tonumber(ARGV[3]))
 for _, id in ipairs(old) do
-  local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'prio', 'run_at', 'body')
+  local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'prio', 'run_at')
   if f[1] == 'queued' then
     redis.call('ZADD', K_UNPUBLISHED, fmt(now), id)
-    out[#out + 1] = {id, f[2], f[3] or '0', fmt(math.max(0, tonumber(f[4] or '0') - now)), f[5]}
+    out[#out + 1] = {id, f[2], f[3] or '0', fmt(math.max(0, tonumber(f[4] or '0') - now))}
   else
     redis.call('ZREM', K_UNPUBLISHED, id)
   end
@@ -216,7 +216,7 @@ return out
 # acked as soon as its job is claimed, so RabbitMQ's count only says how often the message was
 # handed back unclaimed (consumers closing with it in their buffer), nothing about the job: a job
 # still queued is marked "publish not confirmed" (the caller publishes it anew; if it dies first,
-# the sweeper does) and returned as {id, queue, prio, seconds until due, body}. Any other is left
+# the sweeper does) and returned as {id, queue, prio, seconds until due}. Any other is left
 # as it is (finished; or running, and an expired lease is STRANDED's to recover).
 POISON = _script(
     """
@@ -224,10 +224,10 @@ local now = now_ts()
 local out = {}
 for i = 2, #ARGV do
   local id = ARGV[i]
-  local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'prio', 'run_at', 'body')
+  local f = redis.call('HMGET', k_job(id), 'state', 'queue', 'prio', 'run_at')
   if f[1] == 'queued' then
     redis.call('ZADD', K_UNPUBLISHED, fmt(now), id)
-    out[#out + 1] = {id, f[2], f[3] or '0', fmt(math.max(0, tonumber(f[4] or '0') - now)), f[5]}
+    out[#out + 1] = {id, f[2], f[3] or '0', fmt(math.max(0, tonumber(f[4] or '0') - now))}
   end
 end
 return out
@@ -240,7 +240,7 @@ return out
 # a minute or more by default), so a worker cut off from RabbitMQ, or frozen, past its lease
 # would keep the job from running elsewhere until then. Each such job is requeued as the Redis
 # broker's fetch does (or dead-lettered past max_deliveries), marked "publish not confirmed" (if
-# the caller dies before publishing, the sweeper does it) and returned as {id, queue, prio, body}
+# the caller dies before publishing, the sweeper does it) and returned as {id, queue, prio}
 # for a fresh message. The old message, once it comes back, finds the job taken or finished.
 STRANDED = _script(
     """
@@ -251,7 +251,7 @@ local ids = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', fmt(now - tonumber(ARG
   tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
   redis.call('ZREM', K_LEASES, id)
-  local f = redis.call('HMGET', k_job(id), 'state', 'lexp', 'queue', 'deliv', 'maxd', 'prio', 'body')
+  local f = redis.call('HMGET', k_job(id), 'state', 'lexp', 'queue', 'deliv', 'maxd', 'prio')
   if f[1] == 'running' then
     local q = f[3]
     if tonumber(f[2]) > now then
@@ -265,7 +265,7 @@ for _, id in ipairs(ids) do
       else
         make_ready(id, q, tonumber(f[6]), now)
         redis.call('ZADD', K_UNPUBLISHED, fmt(now), id)
-        out[#out + 1] = {id, q, f[6], f[7]}
+        out[#out + 1] = {id, q, f[6]}
       end
     end
   end

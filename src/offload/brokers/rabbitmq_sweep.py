@@ -95,7 +95,7 @@ class Sweeper:
                         "job %s: its lease expired and its worker did not hand it back; publishing it again",
                         _text(job_id),
                     )
-            await self.publish_rows([(i, q, p, "0", b) for i, q, p, b in rows])
+            await self.publish_rows([(i, q, p, "0") for i, q, p in rows])
             total += len(rows)
             if len(rows) < SWEEP_BATCH:
                 break
@@ -135,11 +135,11 @@ class Sweeper:
         return republished, poisoned
 
     async def publish_rows(self, rows: Sequence[Any]) -> None:
-        """Publish {id, queue, prio, seconds until due, body} rows together, then unmark them."""
+        """Publish {id, queue, prio, seconds until due} rows together, then unmark them."""
         if not rows:
             return
         await asyncio.gather(
-            *(self._link.publish(_text(i), _text(q), int(p), bytes(b), float(s)) for i, q, p, s, b in rows)
+            *(self._link.publish(_text(i), _text(q), int(p), float(s)) for i, q, p, s in rows)
         )
         await self._published([_text(r[0]) for r in rows])
 
