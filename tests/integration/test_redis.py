@@ -136,6 +136,31 @@ async def test_enqueue_resent_after_a_lost_reply_is_not_stored_twice(
     assert stats.ready == 3
 
 
+async def test_a_lease_lost_in_a_failover_is_not_given_the_same_token_again(
+    redis_broker: RedisBroker, redis_item: RedisItem
+) -> None:
+    # A failover to a replica that missed the last writes: the namespace as it was before a
+    # fetch, restored after it. The job is leased again; the first holder's late ack must fail.
+    import redis.asyncio as aredis
+
+    client = aredis.from_url(redis_store.REDIS_URL)
+    try:
+        await redis_broker.enqueue([redis_item()])
+        keys = await client.keys(f"{redis_broker.namespace}*")
+        before = {k: await client.dump(k) for k in keys}
+        [first] = await redis_broker.fetch(["default"], 1, 0)
+        await client.delete(*await client.keys(f"{redis_broker.namespace}*"))
+        for key, value in before.items():
+            await client.restore(key, 0, value)
+        [second] = await redis_broker.fetch(["default"], 1, 0)
+
+        assert second.job_id == first.job_id and second.token != first.token
+        assert await redis_broker.settle([Settle(first, "ack", result=encode_value(1))]) == [False]
+        assert await redis_broker.settle([Settle(second, "ack", result=encode_value(2))]) == [True]
+    finally:
+        await client.aclose()
+
+
 async def test_a_batch_too_large_for_one_command_is_staged_and_stays_all_or_nothing(
     redis_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch, redis_item: RedisItem
 ) -> None:

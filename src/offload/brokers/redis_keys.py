@@ -9,7 +9,7 @@ settle batch spanning queues). A prefix that already holds a `{...}` tag is used
 Keys (after the namespace):
 
     seq               STRING  counter: FIFO order among jobs of equal priority
-    token             STRING  counter: fencing tokens, one per lease
+    token             STRING  counter: fencing tokens, one per lease (floored by the clock, in µs)
     queues            HASH    queue -> max_depth ("" = unbounded); every queue ever used
     running           HASH    queue -> jobs leased now
     leases            ZSET    job id, scored by lease expiry (all queues)
@@ -90,6 +90,21 @@ end
 
 -- Numbers passed to redis.call are formatted with 14 significant digits: keep microseconds.
 local function fmt(x) return string.format('%.6f', x) end
+
+-- A lease's fencing token: the next count, but never below the server clock in microseconds.
+-- After a failover the new primary may lack the last INCRs (asynchronous replication), so a
+-- bare counter could hand a job's old token out again and let the cut-off holder's late ack
+-- pass; the clock floor puts every later token above any the lost writes issued (unless the
+-- counter ran ahead of the clock, which takes over a million leases a second).
+local function next_token(now)
+  local token = redis.call('INCR', K_TOKEN)
+  local floor = math.floor(now * 1000000)
+  if token <= floor then
+    token = floor + 1
+    redis.call('SET', K_TOKEN, string.format('%d', token))
+  end
+  return token
+end
 
 -- Batches come as ARGV[2], a msgpack array of per-item arrays, and ARGV[3], the items' byte
 -- strings (bodies, results, errors) back to back: two arguments however large the batch, which

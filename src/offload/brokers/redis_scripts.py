@@ -171,7 +171,7 @@ for _, pick in ipairs(picked) do
   local f = redis.call('HMGET', key, 'state', 'body', 'deliv', 'att', 'lease')
   if f[1] == 'queued' then
     local deliveries = tonumber(f[3]) + 1
-    local token = redis.call('INCR', K_TOKEN)
+    local token = next_token(now)
     local expires = fmt(now + tonumber(f[5]))
     redis.call('HSET', key, 'state', 'running', 'deliv', deliveries, 'token', token, 'lexp', expires,
       'started', fmt(now), 'worker', worker)
