@@ -81,10 +81,11 @@ _MARK: contextvars.ContextVar[Sequence[str]] = contextvars.ContextVar("offload_r
 
 @dataclass
 class _Lease:
-    """A lease this process holds: the job's class (for a re-publish) and its expiry timer."""
+    """A lease this process holds: the job's class (for a re-publish) and when it expires (loop
+    time; one timer per claimed batch watches its leases, see _watch)."""
 
     prio: int
-    timer: asyncio.TimerHandle | None = None
+    expires: float
 
 
 class RabbitMQBroker(RedisBroker):
@@ -97,6 +98,7 @@ class RabbitMQBroker(RedisBroker):
         self._link = AmqpLink(options, self._remember)
         self._inbox = Inbox(self._link)
         self._leases: dict[tuple[str, int], _Lease] = {}
+        self._lease_timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_full_look = 0.0
         self._limit = 1  # the largest fetch limit seen: the worker's concurrency
@@ -143,9 +145,9 @@ class RabbitMQBroker(RedisBroker):
                 await pipe.execute()
 
     async def close(self) -> None:
-        for lease in self._leases.values():
-            if lease.timer is not None:
-                lease.timer.cancel()
+        for timer in self._lease_timers:
+            timer.cancel()
+        self._lease_timers.clear()
         self._leases.clear()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -467,7 +469,7 @@ class RabbitMQBroker(RedisBroker):
         except BaseException:
             self._inbox.put_back(arrivals)  # still ours, unacked: the next fetch tries again
             raise
-        loop = asyncio.get_running_loop()
+        now = asyncio.get_running_loop().time()
         out: list[Delivery] = []
         done: list[Arrival] = []
         later: list[Any] = []
@@ -478,8 +480,7 @@ class RabbitMQBroker(RedisBroker):
                 d = Delivery(
                     a.job_id, _text(q), bytes(body), int(token), int(deliveries), int(attempts), float(lease)
                 )
-                timer = loop.call_later(d.lease_seconds + 0.05, self._expired, d.job_id, d.token)
-                self._leases[(d.job_id, d.token)] = _Lease(a.prio, timer)
+                self._leases[(d.job_id, d.token)] = _Lease(a.prio, now + d.lease_seconds + 0.05)
                 out.append(d)
                 done.append(a)
             elif kind == "wait":
@@ -487,6 +488,8 @@ class RabbitMQBroker(RedisBroker):
                 later.append(self._delay(a, _text(q), int(prio), float(seconds)))
             else:
                 done.append(a)
+        if out:
+            self._watch([(d.job_id, d.token) for d in out])
         await self._inbox.ack(done)  # from here the Redis lease protects each job
         if later:
             await asyncio.gather(*later)
@@ -503,9 +506,36 @@ class RabbitMQBroker(RedisBroker):
 
     # -- leases --------------------------------------------------------------------------------
 
-    def _expired(self, job_id: str, token: int) -> None:
-        if self._leases.pop((job_id, token), None) is not None:
-            self._sweeper.recover_soon()
+    def _watch(self, keys: list[tuple[str, int]]) -> None:
+        """One timer for these leases, at the first expiry among those still held: a lease that
+        ran out is recovered at once (the sweeper's recover_soon); the rest are watched again."""
+        held = [lease.expires for k in keys if (lease := self._leases.get(k)) is not None]
+        if not held:
+            return
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            self._lease_timers.discard(timer)
+            now = loop.time()
+            left = []
+            expired = False
+            for k in keys:
+                lease = self._leases.get(k)
+                if lease is None:
+                    continue  # settled, or this process closed
+                if lease.expires <= now:
+                    del self._leases[k]
+                    expired = True
+                else:
+                    left.append(k)  # extended, or a longer lease of the batch
+            if expired:
+                self._sweeper.recover_soon()
+            if left:
+                self._watch(left)
+
+        timer = loop.call_at(min(held), fire)
+        self._lease_timers.add(timer)
 
     async def sweep(self) -> tuple[int, int]:
         """Re-publish what the sweeper finds (see rabbitmq_sweep.Sweeper.sweep)."""
@@ -524,8 +554,6 @@ class RabbitMQBroker(RedisBroker):
         for outcome, ok in zip(outcomes, accepted, strict=True):
             d = outcome.delivery
             lease = self._leases.pop((d.job_id, d.token), None)
-            if lease is not None and lease.timer is not None:
-                lease.timer.cancel()
             if ok and outcome.kind in ("retry", "release"):
                 back.append((outcome, None if lease is None else lease.prio))
         if back:
@@ -553,13 +581,11 @@ class RabbitMQBroker(RedisBroker):
 
     async def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
         alive = await super().extend(deliveries)
-        loop = asyncio.get_running_loop()
+        now = asyncio.get_running_loop().time()
         for d, ok in zip(deliveries, alive, strict=True):
             lease = self._leases.get((d.job_id, d.token))
             if ok and lease is not None:
-                if lease.timer is not None:
-                    lease.timer.cancel()
-                lease.timer = loop.call_later(d.lease_seconds + 0.05, self._expired, d.job_id, d.token)
+                lease.expires = now + d.lease_seconds + 0.05  # its batch's timer watches it again
         return alive
 
     # -- the DLQ -------------------------------------------------------------------------------
