@@ -199,6 +199,37 @@ class RedisBroker(Broker):
         with self._errors():
             return await self._scripts[name](keys=self._route, args=[self.namespace, *args])
 
+    def _evalsha(self, name: str, args: Sequence[Any]) -> tuple[Any, ...]:
+        """A script call as a plain command, for `_pipeline`."""
+        return ("EVALSHA", self._scripts[name].sha, len(self._route), *self._route, self.namespace, *args)
+
+    async def _pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """`commands` in one round trip (no MULTI), their replies in order, error replies as values.
+
+        Scripts go as plain EVALSHA (`_evalsha`): a pipeline holding redis-py Script objects
+        first asks SCRIPT EXISTS, a round trip more on every call. If the server lacks a script
+        (restarted, or flushed), the scripts are loaded and the commands sent again, so only
+        pipeline commands that are safe to repeat.
+        """
+        client = await self._redis()
+        for attempt in (1, 2):
+            with self._errors():
+                pipe = client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                answers: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(a, rex.NoScriptError) for a in answers):
+                await self._load_scripts()
+                continue
+            break
+        return answers
+
+    async def _load_scripts(self) -> None:
+        client = await self._redis()
+        with self._errors():
+            for script in self._scripts.values():
+                await client.script_load(script.script)
+
     # -- enqueue -------------------------------------------------------------------------------
 
     async def declare_queue(self, name: str, max_depth: int | None) -> None:
@@ -226,14 +257,10 @@ class RedisBroker(Broker):
         """The ENQUEUE script, then (with wait_replicas) WAIT on the same connection."""
         if not self.target.wait_replicas:
             return await self._run("ENQUEUE", args)
-        client = await self._redis()
-        with self._errors():
-            pipe = client.pipeline(transaction=False)
-            await self._scripts["ENQUEUE"](keys=self._route, args=[self.namespace, *args], client=pipe)
-            pipe.execute_command(*wait_command(self.target))
-            reply, confirmed = await pipe.execute(raise_on_error=False)
-            for answer in (reply, confirmed):
-                if isinstance(answer, Exception):
+        reply, confirmed = await self._pipeline([self._evalsha("ENQUEUE", args), wait_command(self.target)])
+        for answer in (reply, confirmed):
+            if isinstance(answer, Exception):
+                with self._errors():
                     raise answer
         if short := too_few_replicas(self.target, confirmed):
             raise short
@@ -247,17 +274,10 @@ class RedisBroker(Broker):
         prepared = [_enqueue_meta(items) if items else None for items in calls]
         if not self._batches_in_scripts() or any(p is not None and p[1] is None for p in prepared):
             return await super().enqueue_calls(calls)  # a subclass's own enqueue, or a staged batch
-        client = await self._redis()
-        script = self._scripts["ENQUEUE"]
-        with self._errors():
-            pipe = client.pipeline(transaction=False)
-            for p in prepared:
-                if p is not None:
-                    meta, bodies = p
-                    await script(keys=self._route, args=[self.namespace, meta, bodies or b""], client=pipe)
-            if self.target.wait_replicas:
-                pipe.execute_command(*wait_command(self.target))
-            answers = await pipe.execute(raise_on_error=False)
+        commands = [self._evalsha("ENQUEUE", [p[0], p[1] or b""]) for p in prepared if p is not None]
+        if self.target.wait_replicas:
+            commands.append(wait_command(self.target))
+        answers = await self._pipeline(commands)
         confirmed = answers.pop() if self.target.wait_replicas else None
         replies = iter(answers)
         outcomes: list[list[Enqueued] | Exception] = []
@@ -338,12 +358,12 @@ class RedisBroker(Broker):
     async def fetch(self, queues: Sequence[str], limit: int, wait: float) -> list[Delivery]:
         if limit <= 0 or not queues:
             return []
-        client = await self._redis()
+        await self._redis()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         signals = [self.namespace + keys.SIGNAL + q for q in queues]
+        deliveries, next_due = await self._lease_ready(queues, limit)
         while True:
-            deliveries, next_due = await self._take(queues, limit)
             remaining = deadline - loop.time()
             if deliveries or remaining <= 0:
                 return deliveries
@@ -352,12 +372,25 @@ class RedisBroker(Broker):
                 pause = min(pause, next_due + 0.001)
             if pause < MIN_BLOCK:
                 await asyncio.sleep(pause)  # due in a moment: shorter than Redis's timer tick
-                continue
-            with self._errors():
-                await cast(Any, client.blpop(signals, timeout=pause))
+                deliveries, next_due = await self._lease_ready(queues, limit)
+            else:
+                deliveries, next_due = await self._lease_ready(queues, limit, (signals, pause))
 
-    async def _take(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
-        call = asyncio.ensure_future(self._run("FETCH", [limit, self.worker_name, len(queues), *queues]))
+    async def _lease_ready(
+        self, queues: Sequence[str], limit: int, after: tuple[list[str], float] | None = None
+    ) -> tuple[list[Delivery], float | None]:
+        """FETCH; with `after=(signal keys, seconds)`, behind a BLPOP on those keys in the same
+        round trip: Redis runs the script the moment the BLPOP returns (a wake-up, or its timeout),
+        without a trip back here and out again between the two (a job sent to an idle worker
+        waits one round trip less)."""
+        args = [limit, self.worker_name, len(queues), *queues]
+        if after is not None:
+            # Not shielded: cancelled (a worker told to stop) while blocked, the pipeline's
+            # connection is dropped by redis-py and the FETCH queued behind the BLPOP with it, so
+            # nothing is leased after a stop. Only a cancel in the instant between the BLPOP's
+            # return and the reply leaves leases to expire instead of being handed back.
+            return _deliveries(await self._waited(after, args))
+        call = asyncio.ensure_future(self._run("FETCH", args))
         try:
             reply = await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -366,6 +399,14 @@ class RedisBroker(Broker):
             call.add_done_callback(self._hand_back)
             raise
         return _deliveries(reply)
+
+    async def _waited(self, after: tuple[list[str], float], fetch_args: Sequence[Any]) -> Any:
+        signals, seconds = after
+        _, reply = await self._pipeline([("BLPOP", *signals, seconds), self._evalsha("FETCH", fetch_args)])
+        if isinstance(reply, Exception):
+            with self._errors():
+                raise reply
+        return reply
 
     def _hand_back(self, call: asyncio.Future[Any]) -> None:
         if call.cancelled() or call.exception() is not None:
