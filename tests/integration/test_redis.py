@@ -161,6 +161,30 @@ async def test_a_lease_lost_in_a_failover_is_not_given_the_same_token_again(
         await client.aclose()
 
 
+async def test_pipelined_calls_reload_the_scripts_a_restarted_server_lost(
+    redis_broker: RedisBroker, redis_item: RedisItem
+) -> None:
+    import redis.asyncio as aredis
+
+    client = aredis.from_url(redis_store.REDIS_URL)
+    try:
+        await client.script_flush()  # as after a restart: enqueue_calls pipelines EVALSHA
+        outcomes = await redis_broker.enqueue_calls([[redis_item()], [redis_item()]])
+        assert all(isinstance(o, list) and o[0].created for o in outcomes)
+        await client.script_flush()  # a waiting fetch pipelines BLPOP and FETCH
+        waiting = asyncio.create_task(redis_broker.fetch(["default"], 5, 2.0))
+        assert len(await waiting) == 2  # the first look (a plain FETCH) takes both
+        waiting = asyncio.create_task(redis_broker.fetch(["default"], 5, 5.0))
+        await asyncio.sleep(0.2)  # now it waits in the pipelined BLPOP, its FETCH queued behind
+        await client.script_flush()
+        await redis_broker.enqueue([redis_item()])
+        started = time.monotonic()
+        assert len(await waiting) == 1
+        assert time.monotonic() - started < 1.0  # the wake-up was not lost to the reload
+    finally:
+        await client.aclose()
+
+
 async def test_a_batch_too_large_for_one_command_is_staged_and_stays_all_or_nothing(
     redis_broker: RedisBroker, monkeypatch: pytest.MonkeyPatch, redis_item: RedisItem
 ) -> None:

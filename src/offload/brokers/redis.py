@@ -203,13 +203,14 @@ class RedisBroker(Broker):
         """A script call as a plain command, for `_pipeline`."""
         return ("EVALSHA", self._scripts[name].sha, len(self._route), *self._route, self.namespace, *args)
 
-    async def _pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    async def _pipeline(self, commands: Sequence[tuple[Any, ...]], resend: bool = True) -> list[Any]:
         """`commands` in one round trip (no MULTI), their replies in order, error replies as values.
 
         Scripts go as plain EVALSHA (`_evalsha`): a pipeline holding redis-py Script objects
         first asks SCRIPT EXISTS, a round trip more on every call. If the server lacks a script
-        (restarted, or flushed), the scripts are loaded and the commands sent again, so only
-        pipeline commands that are safe to repeat.
+        (restarted, or flushed), the scripts are loaded and (with `resend`) the commands sent
+        again, so only pipeline commands that are safe to repeat; without it the NoScriptError
+        replies are returned for the caller to handle.
         """
         client = await self._redis()
         for attempt in (1, 2):
@@ -220,7 +221,8 @@ class RedisBroker(Broker):
                 answers: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(a, rex.NoScriptError) for a in answers):
                 await self._load_scripts()
-                continue
+                if resend:
+                    continue
             break
         return answers
 
@@ -402,7 +404,10 @@ class RedisBroker(Broker):
 
     async def _waited(self, after: tuple[list[str], float], fetch_args: Sequence[Any]) -> Any:
         signals, seconds = after
-        _, reply = await self._pipeline([("BLPOP", *signals, seconds), self._evalsha("FETCH", fetch_args)])
+        commands = [("BLPOP", *signals, seconds), self._evalsha("FETCH", fetch_args)]
+        _, reply = await self._pipeline(commands, resend=False)
+        if isinstance(reply, rex.NoScriptError):  # the scripts are loaded again now; the wake-up
+            return await self._run("FETCH", fetch_args)  # was taken: look without waiting again
         if isinstance(reply, Exception):
             with self._errors():
                 raise reply
