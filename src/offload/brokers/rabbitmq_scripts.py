@@ -27,58 +27,90 @@ def _script(body: str) -> str:
 #   "take", queue, body, token, deliveries, attempts, lease seconds   (leased to the caller)
 #   "wait", seconds, queue, prio                     (not due yet / leased elsewhere: delay it)
 #   "drop"                                           (finished, cancelled, purged: ack and forget)
+# Per job only its HMGET and HSET (and HDEL of its ready member); the sorted-set updates and the
+# fencing tokens (next_token once, then a range) are one command per batch.
 CLAIM = _script(
     """
 local worker = ARGV[2]
 local now = now_ts()
-local out, finished, leased = {}, {}, {}
-local function claim(id, q, f)
-  local deliveries = tonumber(f.deliv) + 1
-  local token = redis.call('INCR', K_TOKEN)
-  local expires = fmt(now + tonumber(f.lease))
-  redis.call('HSET', k_job(id), 'state', 'running', 'deliv', deliveries, 'token', token, 'lexp', expires,
-    'started', fmt(now), 'worker', worker)
-  redis.call('ZADD', K_LEASES, expires, id)
-  redis.call('ZREM', K_UNPUBLISHED, id)  -- its message reached us: nothing to re-publish
-  bump(leased, q, 1)
-  out[#out + 1] = {'take', q, f.body, token, deliveries, f.att, f.lease}
+local started = fmt(now)
+local out, finished, leased, taken = {}, {}, {}, {}
+local unready, undelay = {}, {}  -- per queue: ready-set members, delayed ids to remove
+local function add(t, key, x)
+  local l = t[key]
+  if l == nil then l = {}; t[key] = l end
+  l[#l + 1] = x
+end
+local function remove_many(key, members)
+  for first = 1, #members, 1000 do
+    redis.call('ZREM', key, unpack(members, first, math.min(first + 999, #members)))
+  end
 end
 for i = 3, #ARGV do
   local id = ARGV[i]
   local v = redis.call('HMGET', k_job(id), 'state', 'queue', 'body', 'deliv', 'att', 'lease', 'lexp',
     'maxd', 'prio', 'run_at', 'rm')
-  local f = {state = v[1], q = v[2], body = v[3], deliv = v[4], att = v[5], lease = v[6], lexp = v[7],
-    maxd = v[8], prio = v[9], run_at = v[10], rm = v[11]}
-  if f.state == 'queued' then
-    local due = tonumber(f.run_at or '0')
+  local state, q = v[1], v[2]
+  if state == 'queued' then
+    local due = tonumber(v[10] or '0')
     if due > now + 0.002 then
-      out[#out + 1] = {'wait', fmt(due - now), f.q, f.prio}
+      out[#out + 1] = {'wait', fmt(due - now), q, v[9]}
     else
-      if f.rm then redis.call('ZREM', k_ready(f.q), f.rm) end
-      redis.call('ZREM', k_delayed(f.q), id)
-      redis.call('HDEL', k_job(id), 'rm')
-      claim(id, f.q, f)
+      if v[11] then
+        add(unready, q, v[11])
+        redis.call('HDEL', k_job(id), 'rm')
+      end
+      add(undelay, q, id)
+      out[#out + 1] = false
+      taken[#taken + 1] = {id, q, v, #out}
     end
-  elseif f.state == 'running' then
-    local lexp = tonumber(f.lexp)
+  elseif state == 'running' then
+    local lexp = tonumber(v[7])
     if lexp > now then
       -- RabbitMQ redelivered it early (the holder's channel closed): wait out the lease.
-      out[#out + 1] = {'wait', fmt(lexp - now), f.q, f.prio}
+      out[#out + 1] = {'wait', fmt(lexp - now), q, v[9]}
     else
       redis.call('ZREM', K_LEASES, id)
-      redis.call('HINCRBY', K_RUNNING, f.q, -1)
-      local deliveries, most = tonumber(f.deliv), tonumber(f.maxd)
+      redis.call('HINCRBY', K_RUNNING, q, -1)
+      local deliveries, most = tonumber(v[4]), tonumber(v[8])
       if deliveries >= most then
-        to_dlq(id, f.q, now, 'delivered ' .. deliveries .. ' times without being settled (max_deliveries='
+        to_dlq(id, q, now, 'delivered ' .. deliveries .. ' times without being settled (max_deliveries='
           .. most .. '); the worker crashed or lost its lease each time', finished)
         out[#out + 1] = {'drop'}
       else
-        claim(id, f.q, f)
+        out[#out + 1] = false
+        taken[#taken + 1] = {id, q, v, #out}
       end
     end
   else
     out[#out + 1] = {'drop'}
   end
+end
+for q, members in pairs(unready) do remove_many(k_ready(q), members) end
+for q, ids in pairs(undelay) do remove_many(k_delayed(q), ids) end
+if #taken > 0 then
+  local token = next_token(now)
+  if #taken > 1 then redis.call('INCRBY', K_TOKEN, #taken - 1) end
+  local leases, ids, expiry = {}, {}, {}
+  for j, t in ipairs(taken) do
+    local id, q, v = t[1], t[2], t[3]
+    local deliveries = tonumber(v[4]) + 1
+    local expires = expiry[v[6]]
+    if expires == nil then
+      expires = fmt(now + tonumber(v[6]))
+      expiry[v[6]] = expires
+    end
+    local this = token + j - 1
+    redis.call('HSET', k_job(id), 'state', 'running', 'deliv', deliveries, 'token', string.format('%d', this),
+      'lexp', expires, 'started', started, 'worker', worker)
+    leases[#leases + 1] = expires
+    leases[#leases + 1] = id
+    ids[#ids + 1] = id
+    bump(leased, q, 1)
+    out[t[4]] = {'take', q, v[3], this, deliveries, v[5], v[6]}
+  end
+  zadd_many(K_LEASES, leases)
+  remove_many(K_UNPUBLISHED, ids)  -- their messages reached us: nothing to re-publish
 end
 for q, n in pairs(leased) do redis.call('HINCRBY', K_RUNNING, q, n) end
 count_finished(finished, now)
