@@ -98,21 +98,15 @@ def check_amqp(amqp_url: str) -> None:
 
 
 def reset_nats(nats_url: str, buckets: tuple[str, ...]) -> None:
-    """Delete the named JetStream KV buckets (a missing one is fine)."""
-    import nats
-    from nats.js import errors as js_errors
+    """Delete the named JetStream KV buckets and their ready streams `OFFLOAD_<bucket>` (missing
+    ones are fine): the broker's own reset, offload.brokers.nats.delete_bucket."""
+    from offload.brokers.nats import delete_bucket
 
-    async def delete() -> None:
-        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=0)
-        try:
-            js = nc.jetstream()
-            for bucket in buckets:
-                with contextlib.suppress(js_errors.NotFoundError, js_errors.BucketNotFoundError):
-                    await js.delete_key_value(bucket)
-        finally:
-            await nc.close()
-
-    asyncio.run(delete())
+    base = urlsplit(nats_url)._replace(query="").geturl()
+    for bucket in buckets:
+        if bucket.endswith("_drain") and bucket.removesuffix("_drain") in buckets:
+            continue  # deleted with its bucket
+        asyncio.run(delete_bucket(f"{base}?bucket={bucket}"))
 
 
 # -- round trips ------------------------------------------------------------------------------

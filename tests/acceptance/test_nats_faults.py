@@ -38,6 +38,7 @@ from acceptance_harness import (
 )
 
 from offload.brokers import base
+from offload.brokers.nats import delete_bucket
 
 SHARED = os.environ.get("OFFLOAD_TEST_NATS_URL", "nats://127.0.0.1:4222")
 # The harness runs the CLI without the OFFLOAD_* environment, so the transport under test
@@ -78,23 +79,9 @@ def _jetstream_answers(url: str) -> bool:
     return True
 
 
-def _drop_buckets(url: str, bucket: str) -> None:
-    async def drop() -> None:
-        import nats
-        from nats.js.errors import NotFoundError
-
-        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=1, error_cb=_quiet)
-        try:
-            js = nc.jetstream()
-            for name in (bucket, f"{bucket}_drain"):
-                try:
-                    await js.delete_key_value(name)
-                except NotFoundError:
-                    pass
-        finally:
-            await nc.close()
-
-    asyncio.run(drop())
+def _drop_buckets(url: str) -> None:
+    """The contract tests' reset (tests/contract/nats_store.cleanup): buckets and ready stream."""
+    asyncio.run(delete_bucket(url))
 
 
 @pytest.fixture
@@ -104,7 +91,7 @@ def shared_bucket() -> Iterator[str]:
         _unavailable(f"NATS JetStream at {SHARED} is not reachable")
     bucket = f"offload-faults-{uuid.uuid4().hex[:12]}"
     yield bucket
-    _drop_buckets(SHARED, bucket)
+    _drop_buckets(_app_url(SHARED, bucket))
 
 
 # -- a nats-server of our own ----------------------------------------------------------------------

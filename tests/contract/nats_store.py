@@ -12,7 +12,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -66,25 +65,6 @@ def nats_url(tmp_path: Path) -> str:
 
 def cleanup(url: str) -> None:
     """Delete the test's buckets (the job bucket and its drain-rate bucket) and its ready stream."""
-    [bucket] = parse_qs(urlsplit(url).query)["bucket"]
+    from offload.brokers.nats import delete_bucket
 
-    async def drop() -> None:
-        import nats
-        from nats.js.errors import NotFoundError
-
-        nc = await nats.connect(NATS_URL, connect_timeout=3, max_reconnect_attempts=1, error_cb=_quiet)
-        try:
-            js = nc.jetstream()
-            for name in (bucket, f"{bucket}_drain"):
-                try:
-                    await js.delete_key_value(name)
-                except NotFoundError:
-                    pass
-            try:
-                await js.delete_stream(f"OFFLOAD_{bucket}")  # the ready jobs' work-queue stream
-            except NotFoundError:
-                pass
-        finally:
-            await nc.close()
-
-    _in_thread(drop)
+    _in_thread(lambda: delete_bucket(url))

@@ -35,3 +35,14 @@ def test_url_parsing() -> None:
     for bad in ["nats://h?bucket=a.b", "nats://h?replicas=x", "nats://h?bukket=x", "redis://h"]:
         with pytest.raises(ConfigurationError):
             k.parse_nats_url(bad)
+
+
+def test_transport_defaults_to_the_stream_and_kv_stays_selectable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OFFLOAD_NATS_TRANSPORT", raising=False)
+    assert k.parse_transport("nats://h") == "stream"
+    assert k.parse_transport("nats://h?transport=kv") == "kv"
+    monkeypatch.setenv("OFFLOAD_NATS_TRANSPORT", "kv")
+    assert k.parse_transport("nats://h") == "kv"
+    assert k.parse_transport("nats://h?transport=stream") == "stream"  # the URL wins
+    with pytest.raises(ConfigurationError):
+        k.parse_transport("nats://h?transport=jetstream")

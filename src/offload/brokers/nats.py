@@ -28,8 +28,8 @@ from nats.js import errors as js_errors
 
 from offload.brokers import nats_keys as k
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, lease_seconds
-from offload.brokers.nats_kv import MAX_WAIT, Entry, keep_claims
-from offload.brokers.nats_stream import NatsStream
+from offload.brokers.nats_kv import MAX_WAIT, REUSE_WITHIN, Entry, keep_claims
+from offload.brokers.nats_stream import NatsStream, ReadyStreamFull
 from offload.errors import QueueFull
 from offload.job import JobInfo, JobState
 from offload.message import Message
@@ -107,14 +107,15 @@ class NatsBroker(NatsStream, Broker):
                 continue
             run_at = max(now, message.eta) if message.eta is not None else now
             delayed = run_at > now and self.stream  # transport=kv: run_at in a w. key
-            windex = k.waiting(
-                message.queue,
-                message.priority,
-                f"{base}{seq:06d}",
-                run_at,
-                message.id,
-                "t" if delayed else "w",
-            )
+            family = "t" if delayed else "w"
+            tried = self._unsent.get(message.id)
+            if tried is not None and tried[0][0] == family and now - tried[1] < REUSE_WITHIN:
+                windex = tried[0]  # a re-send of a failed attempt: the same key, the same Nats-Msg-Id
+            else:
+                windex = k.waiting(
+                    message.queue, message.priority, f"{base}{seq:06d}", run_at, message.id, family
+                )
+                self._unsent[message.id] = (windex, now)
             record = k.Record(
                 queue=message.queue,
                 task=message.task,
@@ -138,14 +139,38 @@ class NatsBroker(NatsStream, Broker):
             # later deleted), never a record that nothing points at.
             await asyncio.gather(*writes)
             if self.stream:
-                await self._publish_ready(*(r[1] for r in records if r[1].startswith("w.")))
+                try:
+                    await self._publish_ready(*(r[1] for r in records if r[1].startswith("w.")))
+                except ReadyStreamFull:
+                    # The stream's own bound (discard=new), behind max_depth: refuse the batch.
+                    # No record was written, so nothing was enqueued; drop the keys just written.
+                    for job_id, _, _ in records:
+                        self._unsent.pop(job_id, None)
+                    await self._delete(*(r[1] for r in records))
+                    queue = k.load(records[0][2]).queue
+                    bound = self.ready_backstop
+                    raise QueueFull(queue, bound, bound, await self._drain_rate(queue, now)) from None
             created = await asyncio.gather(
                 *(self._create_record(job_id, data) for job_id, _, data in records)
             )
-            # A re-sent job (its record is already stored) keeps its first index key.
-            await self._delete(
-                *(index for (_, index, _), new in zip(records, created, strict=True) if not new)
-            )
+            # A re-sent job (its record is already stored) keeps the index key its record names;
+            # a key written now that the record does not name is deleted.
+            again = [
+                (job_id, index) for (job_id, index, _), new in zip(records, created, strict=True) if not new
+            ]
+            if again:
+                stored = await asyncio.gather(*(self._record(job_id) for job_id, _ in again))
+                await self._delete(
+                    *(
+                        index
+                        for (_, index), f in zip(again, stored, strict=True)
+                        if f is None or f[0].index != index
+                    )
+                )
+        for job_id, _, _ in records:
+            self._unsent.pop(job_id, None)
+        if len(self._unsent) > 10_000:  # attempts never re-sent
+            self._unsent = {j: t for j, t in self._unsent.items() if now - t[1] < REUSE_WITHIN}
         for queue in adding:
             if queue not in self._known:
                 with self._errors(), contextlib.suppress(js_errors.KeyWrongLastSequenceError):
@@ -485,3 +510,24 @@ class NatsBroker(NatsStream, Broker):
                     await self._delete_record_key(entry.key, entry.revision)
         await self._sweep_markers(now)
         return count
+
+
+async def delete_bucket(url: str) -> None:
+    """Delete everything the broker keeps for the URL's bucket: the KV buckets `<bucket>` and
+    `<bucket>_drain` and the ready stream `OFFLOAD_<bucket>` (missing ones are fine). A reset, for
+    tests and benchmarks: the next connect starts an empty app."""
+    servers, bucket, _ = k.parse_nats_url(url)
+
+    async def quiet(exc: Exception) -> None:
+        pass
+
+    nc = await nats.connect(servers=servers, connect_timeout=3, max_reconnect_attempts=1, error_cb=quiet)
+    try:
+        js = nc.jetstream()
+        for name in (bucket, f"{bucket}_drain"):
+            with contextlib.suppress(js_errors.NotFoundError):
+                await js.delete_key_value(name)
+        with contextlib.suppress(js_errors.NotFoundError):
+            await js.delete_stream(f"OFFLOAD_{bucket}")
+    finally:
+        await nc.close()

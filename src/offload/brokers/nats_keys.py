@@ -188,10 +188,10 @@ def parse_nats_url(url: str) -> tuple[list[str], str, int]:
 
 
 def parse_transport(url: str) -> str:
-    """How fetches find ready jobs: `kv` (scan the index keys; the default) or `stream` (pull them
-    from a work-queue stream). The URL's `transport=` wins over OFFLOAD_NATS_TRANSPORT."""
+    """How fetches find ready jobs: `stream` (pull them from a work-queue stream; the default) or
+    `kv` (scan the index keys). The URL's `transport=` wins over OFFLOAD_NATS_TRANSPORT."""
     query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
-    transport = query.get("transport") or os.environ.get("OFFLOAD_NATS_TRANSPORT") or "kv"
+    transport = query.get("transport") or os.environ.get("OFFLOAD_NATS_TRANSPORT") or "stream"
     if transport not in ("kv", "stream"):
         raise ConfigurationError(f"transport={transport!r}: use kv or stream")
     return transport

@@ -38,6 +38,9 @@ DRAIN_WINDOW = 60.0
 STALE_AFTER = 30.0
 FINAL = (JobState.SUCCEEDED.value, JobState.CANCELLED.value)  # states a job never leaves
 MAX_WAIT = 5.0  # a waiting fetch re-scans at least this often (a lost signal costs at most this)
+# A re-sent enqueue reuses the index keys of the failed attempt if that began this recently (well
+# inside STALE_AFTER: a fetcher must not take the reused key for a crash's debris).
+REUSE_WITHIN = STALE_AFTER / 3
 
 SCAN_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
@@ -68,6 +71,9 @@ class NatsKv:
         self._drain: KeyValue | None = None
         self._waiters: set[tuple[frozenset[str], asyncio.Event]] = set()
         self._known: set[str] = set()
+        # job id -> (index key, when) of an enqueue that failed part-way: re-sent soon after, the
+        # job gets the same key (and so the same Nats-Msg-Id), so a retry leaves no stray key.
+        self._unsent: dict[str, tuple[str, float]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._signal_prefix = f"_offload.{self.bucket}.sig."
         # Per queue (as its key token): the priority classes known to have a consumer, the
@@ -84,12 +90,12 @@ class NatsKv:
             yield
         except BrokerError:
             raise
+        except nats.errors.TimeoutError as exc:  # before OSError: it is a builtin TimeoutError too
+            raise BrokerError(f"NATS at {self.servers} did not answer in time: {exc}") from exc
         except (nats.errors.ConnectionClosedError, nats.errors.NoServersError, OSError) as exc:
             raise BrokerError(
                 f"cannot reach NATS at {self.servers}: {exc}; is it running? check OFFLOAD_BROKER_URL"
             ) from exc
-        except nats.errors.TimeoutError as exc:
-            raise BrokerError(f"NATS at {self.servers} did not answer in time: {exc}") from exc
         except js_errors.ServiceUnavailableError as exc:
             raise BrokerError(
                 f"JetStream is not available at {self.servers}: start nats-server with -js ({exc})"
@@ -98,7 +104,8 @@ class NatsKv:
     # The client reconnects by itself and may answer a pending request after it is back, so a
     # short outage can pass without any operation failing: say when the link drops and returns.
     async def _log_disconnected(self) -> None:
-        log.warning("NATS connection lost (%s); reconnecting", self.servers)
+        if self._nc is not None:  # not our own close()
+            log.warning("NATS connection lost (%s); reconnecting", self.servers)
 
     async def _log_reconnected(self) -> None:
         log.info("NATS connection back (%s)", self.servers)
@@ -347,8 +354,10 @@ class NatsKv:
         rec.state = JobState.RUNNING.value
         rec.deliv += 1
         rec.token = secrets.randbits(62)
-        rec.started = now
-        rec.lease_exp = now + rec.lease
+        # The lease starts now, not when the fetch began: a pull answered late (a stalled link)
+        # would otherwise hand out a lease that has already run out.
+        rec.started = time.time()
+        rec.lease_exp = rec.started + rec.lease
         rec.index = k.running(rec.queue, job_id)
         rec.src = windex
         # The running key first (value: lease expiry), so a lease is always found when it expires.

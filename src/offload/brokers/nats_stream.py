@@ -54,6 +54,11 @@ READY_BACKSTOP = 10_000_000  # the stream refuses more (discard=new); the real b
 NAK_FIRST, NAK_MAX = 0.01, 2.0  # "not yet claimable": redelivery delay, doubling per delivery
 STRAY_AFTER = 5.0  # a running key this old is checked against its record by maintenance
 _END = ("404", "408", "409")  # no (more) messages, request expired, consumer busy or deleted
+_FULL = (10077, 10078)  # JetStream: maximum messages / bytes exceeded (discard=new)
+
+
+class ReadyStreamFull(BrokerError):
+    """The ready stream refused a message: it holds its max_msgs (ready_backstop) already."""
 
 
 class NatsStream(NatsKv):
@@ -62,6 +67,7 @@ class NatsStream(NatsKv):
         self._consumers: set[str] = set()  # durable consumers known to exist
         self._maint_at: dict[str, float] = {}  # queue key -> time of its next maintenance
         self._maint_lock = asyncio.Lock()
+        self.ready_backstop = READY_BACKSTOP  # max_msgs of a ready stream this process creates
 
     @property
     def _ready_stream(self) -> str:
@@ -110,18 +116,20 @@ class NatsStream(NatsKv):
                 storage=js_api.StorageType.FILE,
                 num_replicas=self.replicas,
                 discard=js_api.DiscardPolicy.NEW,
-                max_msgs=READY_BACKSTOP,
+                max_msgs=self.ready_backstop,
                 duplicate_window=DEDUP_WINDOW,
             )
             return
 
     async def _publish_ready(self, *keys: str) -> None:
-        """Announce ready keys (w. keys) to their class's consumer; acknowledged when stored."""
+        """Announce ready keys (w. keys) to their class's consumer; acknowledged when stored.
+
+        Raises ReadyStreamFull if the stream refused one (it holds its max_msgs already)."""
         await self._store()
         assert self._js is not None
         js = self._js
         with self._errors():
-            await asyncio.gather(
+            done = await asyncio.gather(
                 *(
                     js.publish(
                         self._ready_subject(key.split(".")[1], key.split(".")[2]),
@@ -129,8 +137,20 @@ class NatsStream(NatsKv):
                         headers={"Nats-Msg-Id": key},
                     )
                     for key in keys
-                )
+                ),
+                return_exceptions=True,
             )
+            failures = [e for e in done if isinstance(e, BaseException)]
+            for failure in failures:
+                if isinstance(failure, js_errors.APIError) and failure.err_code in _FULL:
+                    # Take back the messages of this call that were stored: the batch is refused.
+                    stored = [ack.seq for ack in done if isinstance(ack, js_api.PubAck)]
+                    await asyncio.gather(
+                        *(js.delete_msg(self._ready_stream, seq) for seq in stored), return_exceptions=True
+                    )
+                    raise ReadyStreamFull(f"the stream {self._ready_stream} is full: {failure.description}")
+            if failures:
+                raise failures[0]
 
     # -- consumers -----------------------------------------------------------------------------
 
