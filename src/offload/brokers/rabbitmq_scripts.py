@@ -41,11 +41,6 @@ local function add(t, key, x)
   if l == nil then l = {}; t[key] = l end
   l[#l + 1] = x
 end
-local function remove_many(key, members)
-  for first = 1, #members, 1000 do
-    redis.call('ZREM', key, unpack(members, first, math.min(first + 999, #members)))
-  end
-end
 for i = 3, #ARGV do
   local id = ARGV[i]
   local v = redis.call('HMGET', k_job(id), 'state', 'queue', 'body', 'deliv', 'att', 'lease', 'lexp',
@@ -86,11 +81,10 @@ for i = 3, #ARGV do
     out[#out + 1] = {'drop'}
   end
 end
-for q, members in pairs(unready) do remove_many(k_ready(q), members) end
-for q, ids in pairs(undelay) do remove_many(k_delayed(q), ids) end
+for q, members in pairs(unready) do zrem_many(k_ready(q), members) end
+for q, ids in pairs(undelay) do zrem_many(k_delayed(q), ids) end
 if #taken > 0 then
-  local token = next_token(now)
-  if #taken > 1 then redis.call('INCRBY', K_TOKEN, #taken - 1) end
+  local token = next_token(now, #taken)
   local leases, ids, expiry = {}, {}, {}
   for j, t in ipairs(taken) do
     local id, q, v = t[1], t[2], t[3]
@@ -110,7 +104,7 @@ if #taken > 0 then
     out[t[4]] = {'take', q, v[3], this, deliveries, v[5], v[6]}
   end
   zadd_many(K_LEASES, leases)
-  remove_many(K_UNPUBLISHED, ids)  -- their messages reached us: nothing to re-publish
+  zrem_many(K_UNPUBLISHED, ids)  -- their messages reached us: nothing to re-publish
 end
 for q, n in pairs(leased) do redis.call('HINCRBY', K_RUNNING, q, n) end
 count_finished(finished, now)

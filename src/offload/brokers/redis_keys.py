@@ -96,12 +96,14 @@ local function fmt(x) return string.format('%.6f', x) end
 -- bare counter could hand a job's old token out again and let the cut-off holder's late ack
 -- pass; the clock floor puts every later token above any the lost writes issued (unless the
 -- counter ran ahead of the clock, which takes over a million leases a second).
-local function next_token(now)
-  local token = redis.call('INCR', K_TOKEN)
+-- With `n`, the first of n consecutive tokens (token, token + 1, ..., token + n - 1).
+local function next_token(now, n)
+  n = n or 1
+  local token = redis.call('INCRBY', K_TOKEN, n) - n + 1
   local floor = math.floor(now * 1000000)
   if token <= floor then
     token = floor + 1
-    redis.call('SET', K_TOKEN, string.format('%d', token))
+    redis.call('SET', K_TOKEN, string.format('%d', token + n - 1))
   end
   return token
 end
@@ -127,6 +129,13 @@ end
 local function zadd_many(key, flat)
   for first = 1, #flat, 2000 do
     redis.call('ZADD', key, unpack(flat, first, math.min(first + 1999, #flat)))
+  end
+end
+
+-- ZREM of a list of members, in commands of at most 1000.
+local function zrem_many(key, members)
+  for first = 1, #members, 1000 do
+    redis.call('ZREM', key, unpack(members, first, math.min(first + 999, #members)))
   end
 end
 
@@ -185,10 +194,16 @@ local function finish(id, state, now)
   redis.call('HSET', k_job(id), 'state', state, 'finished', fmt(now))
 end
 
--- Succeeded and cancelled jobs are kept for their result TTL.
-local function keep_for_ttl(id, now, ttl)
+-- Succeeded and cancelled jobs are kept for their result TTL. With `expiring` (a flat list of
+-- score, id), the ZADD is left to the caller, who adds a batch's jobs in one command.
+local function keep_for_ttl(id, now, ttl, expiring)
   local expires = now + ttl
-  redis.call('ZADD', K_EXPIRING, fmt(expires), id)
+  if expiring then
+    expiring[#expiring + 1] = fmt(expires)
+    expiring[#expiring + 1] = id
+  else
+    redis.call('ZADD', K_EXPIRING, fmt(expires), id)
+  end
   redis.call('PEXPIREAT', k_job(id), math.floor((expires + EXPIRY_GRACE) * 1000))
 end
 

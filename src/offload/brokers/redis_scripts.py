@@ -164,18 +164,21 @@ else
 end
 
 local out = {0, ''}
-local taken, leased = 0, {}
+local taken, leased, leases = 0, {}, {}
+local first_token = #picked > 0 and next_token(now, #picked)  -- one range for the batch
+local started = fmt(now)
 for _, pick in ipairs(picked) do
   local q, id = pick[1], string.sub(pick[2], SEQ_WIDTH + 1)
   local key = k_job(id)
   local f = redis.call('HMGET', key, 'state', 'body', 'deliv', 'att', 'lease')
   if f[1] == 'queued' then
     local deliveries = tonumber(f[3]) + 1
-    local token = next_token(now)
+    local token = first_token + taken
     local expires = fmt(now + tonumber(f[5]))
-    redis.call('HSET', key, 'state', 'running', 'deliv', deliveries, 'token', token, 'lexp', expires,
-      'started', fmt(now), 'worker', worker)
-    redis.call('ZADD', K_LEASES, expires, id)
+    redis.call('HSET', key, 'state', 'running', 'deliv', deliveries, 'token', string.format('%d', token),
+      'lexp', expires, 'started', started, 'worker', worker)
+    leases[#leases + 1] = expires
+    leases[#leases + 1] = id
     bump(leased, q, 1)
     taken = taken + 1
     out[#out + 1] = id
@@ -187,6 +190,7 @@ for _, pick in ipairs(picked) do
     out[#out + 1] = f[5]
   end
 end
+zadd_many(K_LEASES, leases)
 for q, n in pairs(leased) do redis.call('HINCRBY', K_RUNNING, q, n) end
 out[1] = taken
 
@@ -221,6 +225,7 @@ local items = cmsgpack.unpack(ARGV[2])
 local payloads = slicer(ARGV[3])
 local now = now_ts()
 local out, finished, woken, released = {}, {}, {}, {}
+local unleased, expiring = {}, {}  -- the batch's ZREM from the leases and ZADD to expiring
 for _, it in ipairs(items) do
   local id, token, kind, has, payload = it[1], it[2], it[3], it[4], payloads(it[5])
   local key = k_job(id)
@@ -229,7 +234,7 @@ for _, it in ipairs(items) do
     out[#out + 1] = 0
   else
     local q = f[4]
-    redis.call('ZREM', K_LEASES, id)
+    unleased[#unleased + 1] = id
     bump(released, q, 1)
     if kind == 'ack' then
       if has then
@@ -239,7 +244,7 @@ for _, it in ipairs(items) do
         redis.call('HSET', key, 'state', 'succeeded', 'finished', fmt(now))
         redis.call('HDEL', key, 'error', 'result')
       end
-      keep_for_ttl(id, now, tonumber(f[7]))
+      keep_for_ttl(id, now, tonumber(f[7]), expiring)
       bump(finished, q, 1)
     elseif kind == 'release' then
       redis.call('HINCRBY', key, 'deliv', -1)
@@ -271,6 +276,8 @@ for _, it in ipairs(items) do
     out[#out + 1] = 1
   end
 end
+zrem_many(K_LEASES, unleased)
+zadd_many(K_EXPIRING, expiring)
 for q, n_ in pairs(released) do redis.call('HINCRBY', K_RUNNING, q, -n_) end
 count_finished(finished, now)
 for q, n_ in pairs(woken) do signal(q, math.max(n_, 1)) end
