@@ -271,32 +271,11 @@ return out
 STRANDED = _script(
     """
 local now = now_ts()
-local finished, released = {}, {}
-local out = {}
-local ids = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', fmt(now - tonumber(ARGV[2])), 'LIMIT', 0,
-  tonumber(ARGV[3]))
-for _, id in ipairs(ids) do
-  redis.call('ZREM', K_LEASES, id)
-  local f = redis.call('HMGET', k_job(id), 'state', 'lexp', 'queue', 'deliv', 'maxd', 'prio')
-  if f[1] == 'running' then
-    local q = f[3]
-    if tonumber(f[2]) > now then
-      redis.call('ZADD', K_LEASES, f[2], id)  -- extended meanwhile
-    else
-      bump(released, q, 1)
-      local deliveries, most = tonumber(f[4]), tonumber(f[5])
-      if deliveries >= most then
-        to_dlq(id, q, now, 'delivered ' .. deliveries .. ' times without being settled (max_deliveries='
-          .. most .. '); the worker crashed or lost its lease each time', finished)
-      else
-        make_ready(id, q, tonumber(f[6]), now)
-        redis.call('ZADD', K_UNPUBLISHED, fmt(now), id)
-        out[#out + 1] = {id, q, f[6]}
-      end
-    end
-  end
-end
-for q, n in pairs(released) do redis.call('HINCRBY', K_RUNNING, q, -n) end
+local finished, woken, out = {}, {}, {}
+recover(now, finished, woken, now - tonumber(ARGV[2]), tonumber(ARGV[3]), function(id, q, prio)
+  redis.call('ZADD', K_UNPUBLISHED, fmt(now), id)
+  out[#out + 1] = {id, q, prio}
+end)
 count_finished(finished, now)
 return out
 """

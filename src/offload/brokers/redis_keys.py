@@ -215,8 +215,11 @@ local function to_dlq(id, q, now, error, finished)
 end
 
 -- Expired leases: dead-letter the jobs past max_deliveries, make the others deliverable again.
-local function recover(now, finished, woken)
-  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', fmt(now), 'LIMIT', 0, CHUNK)
+-- Optional: only leases that expired before `cutoff` (default now), at most `limit` (CHUNK), and
+-- `requeued(id, queue, prio)` told of each job made ready (RabbitMQ publishes it anew).
+local function recover(now, finished, woken, cutoff, limit, requeued)
+  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', fmt(cutoff or now), 'LIMIT', 0,
+    limit or CHUNK)
   local released = {{}}
   for _, id in ipairs(expired) do
     redis.call('ZREM', K_LEASES, id)
@@ -234,6 +237,7 @@ local function recover(now, finished, woken)
         else
           make_ready(id, q, tonumber(f[6]), now)
           bump(woken, q, 1)
+          if requeued then requeued(id, q, f[6]) end
         end
       end
     end
