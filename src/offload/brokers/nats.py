@@ -1,18 +1,20 @@
 """The NATS JetStream broker: queues, leases and results in a JetStream Key-Value bucket.
 
-    nats://[user:password@]host:4222[,host2:4222,...]?bucket=offload&replicas=3
+    nats://[user:password@]host:4222[,host2:4222,...]?bucket=offload&replicas=3&transport=stream
 
 Each job is one KV record (`j.<id>`), changed only by compare-and-set on its revision
 (`update(key, value, last=revision)`), so two workers can never both win a lease or both settle
 it, and a settle whose lease token is no longer the record's is refused (fencing). Small index
-keys, whose names are NATS subjects, say where each job is: waiting (ready or delayed, the name
-sorts by priority then age), running (value: lease expiry) or dead. A fetch scans its queues'
-index keys with a subject filter, leases the best jobs by CAS and, at the same time, recovers
-expired leases (requeue, or dead-letter past max_deliveries). An idle fetch waits for a core NATS
-signal that enqueues, retries and releases publish, capped by the next due eta or lease expiry.
+keys, whose names are NATS subjects, say where each job is: waiting (ready or delayed), running
+(value: lease expiry), dead or finished. How a fetch finds ready jobs is the transport:
+`stream` (the default) pulls them from a work-queue stream, one durable pull consumer per queue
+and priority class (nats_stream); `kv` lists the queues' index keys (a scan per fetch). Either
+way the job is leased by CAS on its record, and expired leases are recovered (requeue, or
+dead-letter past max_deliveries). An idle fetch waits for a core NATS signal that enqueues,
+retries and releases publish, capped by the next due eta or lease expiry.
 
-See docs/brokers/nats.md for the design, the guarantees and why it does not use a work-queue
-stream with ack-wait leases.
+See docs/brokers/nats.md for the design, the guarantees and why leases stay in KV rather than in
+the stream's ack wait.
 """
 
 from __future__ import annotations

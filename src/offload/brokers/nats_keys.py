@@ -4,8 +4,8 @@ Everything lives in one JetStream Key-Value bucket (history 1), whose keys are N
 key family can be scanned with a subject filter:
 
     j.<id>                                   the job record (`Record`, JSON), CAS'd by revision
-    w.<queue>.<prio>.<seq>.<run_at_ms>.<id>  ready index: also the "job is ready" message that the
-                                             durable pull consumer of (queue, prio) hands out
+    w.<queue>.<prio>.<seq>.<run_at_ms>.<id>  ready index (transport=stream: also the body and
+                                             Nats-Msg-Id of the job's ready-stream message)
     t.<queue>.<prio>.<seq>.<run_at_ms>.<id>  delayed index (eta or retry delay), made a w. key when due
     r.<queue>.<id>                           running index; value = lease expiry (epoch seconds)
     d.<queue>.<id>                           dead-letter index; value = time of death
