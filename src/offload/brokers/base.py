@@ -133,6 +133,13 @@ class Broker(abc.ABC):
                 outcomes.append(exc)
         return outcomes
 
+    async def _enqueue_as_one_call(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
+        """`enqueue` for a broker whose `enqueue_calls` does the work: a batch of one call."""
+        [outcome] = await self.enqueue_calls([items])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
     @abc.abstractmethod
     async def fetch(self, queues: Sequence[str], limit: int, wait: float) -> list[Delivery]:
         """Lease up to `limit` ready jobs, highest priority first, then oldest.

@@ -226,10 +226,7 @@ class RabbitMQBroker(RedisBroker):
         await self._link.declare(name, 0)  # the usual class, so a first send does not wait for it
 
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
-        [outcome] = await self.enqueue_calls([items])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return await self._enqueue_as_one_call(items)
 
     async def enqueue_calls(
         self, calls: Sequence[Sequence[tuple[Message, bytes]]]

@@ -154,10 +154,7 @@ class SqliteBroker(Broker):
     batches_enqueue_calls = True  # one writer operation for many calls (sqlite_enqueue)
 
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
-        [outcome] = await self.enqueue_calls([items])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return await self._enqueue_as_one_call(items)
 
     async def enqueue_calls(
         self, calls: Sequence[Sequence[tuple[Message, bytes]]]
