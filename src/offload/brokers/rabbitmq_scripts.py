@@ -26,7 +26,8 @@ def _script(body: str) -> str:
 # ARGV: namespace, worker name, ids... For each id returns a verdict and its fields:
 #   "take", queue, body, token, deliveries, attempts, lease seconds   (leased to the caller)
 #   "wait", seconds, queue, prio                     (not due yet / leased elsewhere: delay it)
-#   "drop"                                           (finished, cancelled, purged: ack and forget)
+#   "drop"                                           (finished, cancelled, purged: ack and forget;
+#                                                     also a second message of a job in this batch)
 # Per job only its HMGET and HSET (and HDEL of its ready member); the sorted-set updates and the
 # fencing tokens (next_token once, then a range) are one command per batch.
 CLAIM = _script(
@@ -41,12 +42,16 @@ local function add(t, key, x)
   if l == nil then l = {}; t[key] = l end
   l[#l + 1] = x
 end
+local seen = {}  -- the records are written after the loop: a job's second message must not see
+                -- it still queued (after a crash, a redelivery and a re-publish can arrive together)
 for i = 3, #ARGV do
   local id = ARGV[i]
   local v = redis.call('HMGET', k_job(id), 'state', 'queue', 'body', 'deliv', 'att', 'lease', 'lexp',
     'maxd', 'prio', 'run_at', 'rm')
   local state, q = v[1], v[2]
-  if state == 'queued' then
+  if seen[id] then
+    out[#out + 1] = {'drop'}
+  elseif state == 'queued' then
     local due = tonumber(v[10] or '0')
     if due > now + 0.002 then
       out[#out + 1] = {'wait', fmt(due - now), q, v[9]}
@@ -80,6 +85,7 @@ for i = 3, #ARGV do
   else
     out[#out + 1] = {'drop'}
   end
+  seen[id] = true
 end
 for q, members in pairs(unready) do zrem_many(k_ready(q), members) end
 for q, ids in pairs(undelay) do zrem_many(k_delayed(q), ids) end
