@@ -83,3 +83,17 @@ async def test_concurrent_sends_share_round_trips(url: str) -> None:
         assert stats.ready == 40
     finally:
         await app.close_async()
+
+
+async def test_concurrent_sends_reload_the_scripts_a_restarted_redis_lost(url: str) -> None:
+    broker = RabbitMQBroker(url)
+    await broker.connect()
+    try:
+        client = await broker._redis()
+        await client.script_flush()  # as after a restart of the state store
+        outcomes = await broker.enqueue_calls([[item()], [item()]])
+        assert all(isinstance(o, list) and o[0].created for o in outcomes)
+        got = await broker.fetch(["default"], 10, wait=2.0)
+        assert len(got) == 2
+    finally:
+        await broker.close()

@@ -135,15 +135,6 @@ class RabbitMQBroker(RedisBroker):
                 await super().close()
                 raise
 
-    async def _load_scripts(self) -> None:
-        """The scripts sent in pipelines (as EVALSHA, without redis-py's SCRIPT EXISTS)."""
-        client = await self._redis()
-        with self._errors():
-            async with client.pipeline(transaction=False) as pipe:
-                for name in ("MARK", "SETTLE", "MARK_ENQUEUE"):
-                    pipe.script_load(self._scripts[name].script)
-                await pipe.execute()
-
     async def close(self) -> None:
         for timer in self._lease_timers:
             timer.cancel()
@@ -279,32 +270,20 @@ class RabbitMQBroker(RedisBroker):
                 outcomes[i] = await super().enqueue(calls[i])  # script is MARK_ENQUEUE here (_run)
             except (QueueFull, BrokerError) as exc:
                 outcomes[i] = exc
-        client = await self._redis()
-        sha, route, space = self._scripts["MARK_ENQUEUE"].sha, self._route[0], self.namespace
-        for attempt in (1, 2):
-            if not piped:
-                break
-            with self._errors():
-                async with client.pipeline(transaction=False) as pipe:
-                    for i in piped:
-                        meta, bodies = cast(tuple[bytes, bytes], prepared[i])
-                        pipe.evalsha(sha, 1, route, space, meta, bodies)
-                    replies = await pipe.execute(raise_on_error=False)
-            again = []
-            for i, reply in zip(piped, replies, strict=True):
-                if isinstance(reply, rex.NoScriptError) and attempt == 1:
-                    again.append(i)  # not run: Redis restarted or flushed its scripts
-                    continue
-                try:
-                    if isinstance(reply, Exception):
-                        with self._errors():
-                            raise reply
-                    outcomes[i] = _enqueued(calls[i], reply)
-                except (QueueFull, BrokerError) as exc:
-                    outcomes[i] = exc
-            piped = again
-            if piped:
-                await self._load_scripts()
+        if not piped:
+            return outcomes
+        # Re-sent whole if Redis lost its scripts: a call stored by the first try is not stored twice.
+        replies = await self._pipeline(
+            [self._evalsha("MARK_ENQUEUE", cast(tuple[bytes, bytes], prepared[i])) for i in piped]
+        )
+        for i, reply in zip(piped, replies, strict=True):
+            try:
+                if isinstance(reply, Exception):
+                    with self._errors():
+                        raise reply
+                outcomes[i] = _enqueued(calls[i], reply)
+            except (QueueFull, BrokerError) as exc:
+                outcomes[i] = exc
         return outcomes
 
     async def _publish_calls(self, fresh: dict[int, list[tuple[Message, bytes]]]) -> dict[int, BaseException]:

@@ -227,10 +227,13 @@ class RedisBroker(Broker):
         return answers
 
     async def _load_scripts(self) -> None:
+        """Load every script (after a restart or SCRIPT FLUSH), in one round trip."""
         client = await self._redis()
         with self._errors():
-            for script in self._scripts.values():
-                await client.script_load(script.script)
+            async with client.pipeline(transaction=False) as pipe:
+                for script in self._scripts.values():
+                    pipe.script_load(script.script)
+                await pipe.execute()
 
     # -- enqueue -------------------------------------------------------------------------------
 
