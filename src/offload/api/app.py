@@ -17,7 +17,6 @@ problem+json 500 as the last line of defence.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import sqlite3
@@ -36,7 +35,7 @@ from offload.api.auth import KeyStore
 from offload.api.backpressure import FullQueues, broker_unavailable_problem, queue_full_problem
 from offload.api.problems import Problem, bad_request, encode_json, not_found
 from offload.api.schema import JobView, openapi_document
-from offload.api.sse import EventStream, change_key, disconnected, sse_event
+from offload.api.sse import EventStream, change_key, sse_event, until_done_or_disconnected
 from offload.api.validation import (
     MAX_JOB_ID,
     ArgumentValidator,
@@ -283,14 +282,7 @@ class _Api:
     async def until_disconnect(self, request: Request, work: Coroutine[Any, Any, T]) -> T:
         """Await `work`, giving up (raising _ClientGone) as soon as the client disconnects."""
         task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(disconnected(request.receive))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (task, watcher):
-                t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(task, watcher, return_exceptions=True)
+        await until_done_or_disconnected(task, request.receive)
         if task.cancelled():
             raise _ClientGone
         return task.result()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -30,15 +31,10 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        streaming = asyncio.ensure_future(self._stream(send))
-        watcher = asyncio.ensure_future(disconnected(receive))
         try:
-            await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await until_done_or_disconnected(asyncio.ensure_future(self._stream(send)), receive)
         finally:
-            for t in (streaming, watcher):
-                t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(streaming, watcher, return_exceptions=True)
                 await self.events.aclose()
 
     async def _stream(self, send: Send) -> None:
@@ -57,6 +53,19 @@ class EventStream(Response):
 async def disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def until_done_or_disconnected(work: asyncio.Future[Any], receive: Receive) -> None:
+    """Wait for `work` or the client's disconnect, whichever comes first; then cancel and reap
+    both (`work` is cancelled if the client left first: check `work.cancelled()`)."""
+    watcher = asyncio.ensure_future(disconnected(receive))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (work, watcher):
+            t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(work, watcher, return_exceptions=True)
 
 
 def change_key(info: JobInfo) -> tuple[str, int, int]:
