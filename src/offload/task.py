@@ -244,6 +244,7 @@ class Task(TaskCall[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
         self._arg_types = _argument_types(fn, self.signature)
+        self._positional_counts = _positional_counts(self.signature)
         self.return_type = _return_type(fn)
         if config.executor == "async" and not self.is_async:
             raise ConfigurationError(f"task {config.name!r}: executor='async' needs an async def")
@@ -265,6 +266,9 @@ class Task(TaskCall[P, R]):
         return f"<Task {self.name} queue={self.config.queue}>"
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        counts = self._positional_counts
+        if counts is not None and not kwargs and counts[0] <= len(args) <= counts[1]:
+            return  # what bind() would accept, without its ~4 µs (a good part of a send's CPU)
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -282,6 +286,16 @@ class Task(TaskCall[P, R]):
             if target is not None:
                 bound.arguments[name] = msgspec.convert(value, target, strict=False)
         return list(bound.args), dict(bound.kwargs)
+
+
+def _positional_counts(signature: inspect.Signature) -> tuple[int, int] | None:
+    """For a signature of plain parameters only (no *args, **kwargs or keyword-only ones): how
+    many positional arguments it needs at least and takes at most. None for any other."""
+    params = signature.parameters.values()
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not all(p.kind in plain for p in params):
+        return None
+    return sum(1 for p in params if p.default is p.empty), len(params)
 
 
 def _argument_types(fn: Callable[..., Any], signature: inspect.Signature) -> dict[str, Any]:

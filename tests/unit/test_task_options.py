@@ -266,6 +266,21 @@ def test_arguments_are_checked_against_the_signature_at_send(app: App) -> None:
         job.message(c=1)  # type: ignore[call-arg]
 
 
+def test_positional_arguments_to_a_plain_signature_are_checked_like_any_others(app: App) -> None:
+    @app.task
+    def job(a: int, b: int, c: int = 0) -> None:
+        pass
+
+    job.message(1, 2)
+    job.message(1, 2, 3)
+    job.message(1, b=2)
+    for args in [(1,), (1, 2, 3, 4), ()]:
+        with pytest.raises(EncodeError, match="cannot take these arguments"):
+            job.message(*args)  # type: ignore[arg-type]
+    with pytest.raises(EncodeError, match="cannot take these arguments"):
+        job.message(1, 2, a=1)  # type: ignore[misc]
+
+
 class Size(msgspec.Struct):
     width: int
     height: int
