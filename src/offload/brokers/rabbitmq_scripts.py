@@ -170,7 +170,7 @@ do
   for _, it in ipairs(cmsgpack.unpack(ARGV[2])) do redis.call('ZADD', K_UNPUBLISHED, 'NX', at, it[1]) end
 end
 """
-    + redis_scripts.ENQUEUE.removeprefix(script(""))
+    + redis_scripts.ENQUEUE_BODY
 )
 
 # ARGV: namespace, seconds, limit. Takes up to `limit` ids marked unpublished more than `seconds`

@@ -33,7 +33,7 @@ from redis.commands.core import AsyncScript
 from offload.brokers import redis_keys as keys
 from offload.brokers import redis_scripts as lua
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle
-from offload.brokers.redis_blocking import ENQUEUE_SHA, BlockingLink, command, evalsha
+from offload.brokers.redis_blocking import BlockingLink, command, evalsha
 from offload.brokers.redis_client import (
     AsyncSentinel,
     open_blocking_link,
@@ -48,6 +48,7 @@ from offload.brokers.redis_records import (
     _pack,
     _stage_chunks,
     _text,
+    enqueue_command,
 )
 from offload.brokers.redis_records import _enqueue_meta as _enqueue_meta  # re-exported: rabbitmq.py
 from offload.brokers.redis_records import _enqueued as _enqueued  # imports them from here
@@ -138,6 +139,7 @@ class RedisBroker(Broker):
             name: client.register_script(getattr(lua, name))
             for name in (
                 "ENQUEUE",
+                "ENQUEUE_ONE",
                 "FETCH",
                 "SETTLE",
                 "EXTEND",
@@ -245,24 +247,29 @@ class RedisBroker(Broker):
     async def enqueue(self, items: Sequence[tuple[Message, bytes]]) -> list[Enqueued]:
         if not items:
             return []
-        meta, bodies = _enqueue_meta(items)
-        if bodies is not None:
-            reply = await self._enqueue_script([meta, bodies])
+        # A subclass's _run may stand in for ENQUEUE (RabbitMQ's marks the ids): only ENQUEUE then.
+        call = enqueue_command(items) if self._batches_in_scripts() else None
+        if call is not None:
+            reply = await self._enqueue_script(*call)
         else:
-            client = await self._redis()
-            key = self._stage_key()
-            with self._errors():
-                for chunk in _stage_chunks(items):
-                    await cast(Any, client.hset(key, mapping=cast(Any, chunk)))
-                await cast(Any, client.expire(key, STAGE_TTL))
-            reply = await self._enqueue_script([meta, b"", key])
+            meta, bodies = _enqueue_meta(items)
+            if bodies is not None:
+                reply = await self._enqueue_script("ENQUEUE", [meta, bodies])
+            else:
+                client = await self._redis()
+                key = self._stage_key()
+                with self._errors():
+                    for chunk in _stage_chunks(items):
+                        await cast(Any, client.hset(key, mapping=cast(Any, chunk)))
+                    await cast(Any, client.expire(key, STAGE_TTL))
+                reply = await self._enqueue_script("ENQUEUE", [meta, b"", key])
         return _enqueued(items, reply)
 
-    async def _enqueue_script(self, args: Sequence[Any]) -> Any:
-        """The ENQUEUE script, then (with wait_replicas) WAIT on the same connection."""
+    async def _enqueue_script(self, name: str, args: Sequence[Any]) -> Any:
+        """An enqueue script, then (with wait_replicas) WAIT on the same connection."""
         if not self.target.wait_replicas:
-            return await self._run("ENQUEUE", args)
-        reply, confirmed = await self._pipeline([self._evalsha("ENQUEUE", args), wait_command(self.target)])
+            return await self._run(name, args)
+        reply, confirmed = await self._pipeline([self._evalsha(name, args), wait_command(self.target)])
         for answer in (reply, confirmed):
             if isinstance(answer, Exception):
                 with self._errors():
@@ -276,10 +283,12 @@ class RedisBroker(Broker):
     ) -> Sequence[list[Enqueued] | Exception]:
         """The calls' ENQUEUE scripts in one pipelined round trip (no MULTI: each script is atomic
         on its own, so each call stays all-or-nothing and a refused one stops no other)."""
-        prepared = [_enqueue_meta(items) if items else None for items in calls]
-        if not self._batches_in_scripts() or any(p is not None and p[1] is None for p in prepared):
-            return await super().enqueue_calls(calls)  # a subclass's own enqueue, or a staged batch
-        commands = [self._evalsha("ENQUEUE", [p[0], p[1] or b""]) for p in prepared if p is not None]
+        if not self._batches_in_scripts():
+            return await super().enqueue_calls(calls)  # a subclass's own enqueue
+        prepared = [enqueue_command(items) if items else None for items in calls]
+        if any(p is None for items, p in zip(calls, prepared, strict=True) if items):
+            return await super().enqueue_calls(calls)  # a batch to stage
+        commands = [self._evalsha(*p) for p in prepared if p is not None]
         if self.target.wait_replicas:
             commands.append(wait_command(self.target))
         answers = await self._pipeline(commands)
@@ -326,21 +335,25 @@ class RedisBroker(Broker):
             raise RuntimeError("connect() the broker before enqueue_blocking()")
         if not items:
             return []
-        meta, bodies = _enqueue_meta(items)
+        call = enqueue_command(items)
         route, namespace = self._route[0], self.namespace
-        if bodies is not None:
+        if call is not None:
+            name, args = call
+            script = self._scripts[name]
 
             def send(conn: Any) -> Any:
-                return evalsha(conn, ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, bodies)
+                return evalsha(conn, script.sha, script.script, route, namespace, *args)
 
         else:
+            meta, _ = _enqueue_meta(items)
             key = self._stage_key()
+            script = self._scripts["ENQUEUE"]
 
             def send(conn: Any) -> Any:
                 for chunk in _stage_chunks(items):
                     command(conn, "HSET", key, *(x for pair in chunk.items() for x in pair))
                 command(conn, "EXPIRE", key, STAGE_TTL)
-                return evalsha(conn, ENQUEUE_SHA, lua.ENQUEUE, route, namespace, meta, b"", key)
+                return evalsha(conn, script.sha, script.script, route, namespace, meta, b"", key)
 
         wait = wait_command(self.target) if self.target.wait_replicas else None
 

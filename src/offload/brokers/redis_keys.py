@@ -35,6 +35,8 @@ clocks still agree on when a lease expires. Scripts are called with KEYS[1] = th
 
 from __future__ import annotations
 
+import re
+
 # Key names, after the namespace (see the module docstring).
 SEQ = "seq"
 TOKEN = "token"
@@ -81,7 +83,8 @@ local function k_drain(q) return P .. '{DRAIN}' .. q end
 local function k_idem(key) return P .. '{IDEM}' .. key end
 local DRAIN_WINDOW, SIGNAL_CAP, SEQ_WIDTH, CHUNK = {DRAIN_WINDOW}, {SIGNAL_CAP}, {SEQ_WIDTH}, {CHUNK}
 local EXPIRY_GRACE = {EXPIRY_GRACE}
-local SEQ_FORMAT = '%0' .. SEQ_WIDTH .. '.0f'  -- a FIFO number as the front of a ready-set member
+-- A FIFO number as the front of a ready-set member (%d: integer formatting, cheaper than %.0f).
+local SEQ_FORMAT = '%0' .. SEQ_WIDTH .. 'd'
 
 local function now_ts()
   local t = redis.call('TIME')
@@ -247,6 +250,38 @@ end
 """
 
 
+def _definitions(preamble: str) -> list[tuple[frozenset[str], str]]:
+    """The preamble's top-level definitions in order: the names each defines, and its text (the
+    comment lines above it included)."""
+    units: list[tuple[frozenset[str], str]] = []
+    pending = ""  # comments and blank lines, which go with the next definition
+    for line in preamble.splitlines(keepends=True):
+        defined = re.match(r"local (?:function )?(\w+(?:, *\w+)*)", line)
+        if defined:
+            units.append((frozenset(re.split(r", *", defined[1])), pending + line))
+            pending = ""
+        elif units and line.strip() and not line.startswith("--"):
+            names, text = units[-1]  # a function's body, or its `end`
+            units[-1] = (names, text + line)
+        else:
+            pending += line
+    return units
+
+
+_DEFINITIONS = _definitions(_PREAMBLE)
+
+
 def script(body: str) -> str:
-    """A script: the shared preamble (key names, time, helpers) followed by `body`."""
-    return _PREAMBLE + body
+    """A script: the preamble's definitions that `body` uses (directly or through another
+    definition), in the preamble's order, followed by `body`.
+
+    Redis runs a script's whole text on every call, so each definition a script carries costs
+    every call: the full preamble was ~28,000 instructions of a one-job enqueue's ~190,000.
+    """
+    needed: list[str] = []
+    used = body
+    for names, text in reversed(_DEFINITIONS):  # a definition only uses those before it
+        if any(re.search(rf"\b{name}\b", used) for name in names):
+            needed.append(text)
+            used += text
+    return "".join(reversed(needed)) + body

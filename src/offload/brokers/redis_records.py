@@ -81,6 +81,35 @@ def _enqueue_meta(items: Sequence[tuple[Message, bytes]]) -> tuple[bytes, bytes 
     return _pack(meta), b"".join([body for _, body in items])
 
 
+def enqueue_command(items: Sequence[tuple[Message, bytes]]) -> tuple[str, list[Any]] | None:
+    """The script (ENQUEUE_ONE or ENQUEUE) and the arguments after the namespace that store
+    `items` in one command, or None when their bodies are too large for one (stage them)."""
+    if len(items) == 1 and len(items[0][1]) <= STAGE_BYTES:
+        return "ENQUEUE_ONE", _enqueue_one_args(*items[0])
+    meta, bodies = _enqueue_meta(items)
+    return None if bodies is None else ("ENQUEUE", [meta, bodies])
+
+
+def _enqueue_one_args(m: Message, body: bytes) -> list[Any]:
+    """ENQUEUE_ONE's arguments after the namespace (see redis_scripts)."""
+    args: list[Any] = [
+        m.id,
+        m.queue,
+        m.task,
+        str(m.priority),
+        str(-m.priority),
+        "" if m.eta is None else repr(float(m.eta)),
+        repr(float(m.created_at or time.time())),
+        repr(lease_seconds(m.timeout)),
+        str(m.max_deliveries),
+        repr(float(m.result_ttl)),
+        body,
+    ]
+    if m.idempotency_key is not None:
+        args += [str(int(m.idempotency_window * 1000)), m.idempotency_key]
+    return args
+
+
 def _stage_chunks(items: Sequence[tuple[Message, bytes]]) -> Iterator[dict[int, bytes]]:
     """A large batch's bodies as HSET mappings of bounded size (field = the job's position).
 

@@ -19,8 +19,8 @@ from offload.brokers.redis_keys import script
 #
 # Per new job: one EXISTS, one HSET (the whole record, ready-set member included), and its share
 # of one ZADD per queue and of one INCRBY for the batch's FIFO numbers.
-ENQUEUE = script(
-    """
+# (The body alone is ENQUEUE_BODY: RabbitMQ's MARK_ENQUEUE runs it after marking the batch.)
+ENQUEUE_BODY = """
 local items = cmsgpack.unpack(ARGV[2])
 local stage = ARGV[4]
 local body = slicer(ARGV[3])
@@ -119,6 +119,50 @@ for q, n in pairs(woken) do
   signal(q, math.max(n, 1))
 end
 return done(out)
+"""
+ENQUEUE = script(ENQUEUE_BODY)
+
+# ENQUEUE for one job, its fields as plain arguments: what most sends are (a `task.send()`, an HTTP
+# submit). Same decisions and replies as ENQUEUE, at under half its server time: no msgpack, no
+# per-batch tables, and every number but the clock comes formatted by the client.
+# ARGV: namespace, id, queue, task, priority, ready-set score (-priority), eta ("" = none),
+# created_at, lease seconds, max_deliveries, result_ttl, body, then with an idempotency key:
+# its window in ms and the key.
+ENQUEUE_ONE = script(
+    """
+local id, q, key = ARGV[2], ARGV[3], ARGV[14]
+local job = k_job(id)
+if redis.call('EXISTS', job) == 1 then return {'ok'} end  -- a retried call stored already
+if key then
+  local owner = redis.call('GET', k_idem(key))
+  if owner then return {'ok', 1, owner} end
+end
+local now = now_ts()
+local bound = redis.call('HGET', K_QUEUES, q)
+if bound and bound ~= '' then
+  local depth = redis.call('ZCARD', k_ready(q)) + redis.call('ZCARD', k_delayed(q))
+  if depth + 1 > tonumber(bound) then return {'full', q, depth, bound, tostring(drain_rate(q, now))} end
+end
+local eta = ARGV[7]
+if eta ~= '' and tonumber(eta) > now then
+  redis.call('HSET', job, 'queue', q, 'task', ARGV[4], 'state', 'queued', 'prio', ARGV[5],
+    'created', ARGV[8], 'lease', ARGV[9], 'maxd', ARGV[10], 'ttl', ARGV[11], 'deliv', '0', 'att', '0',
+    'run_at', eta, 'body', ARGV[12])
+  redis.call('ZADD', k_delayed(q), eta, id)
+else
+  local member = string.format(SEQ_FORMAT, redis.call('INCR', K_SEQ)) .. id
+  redis.call('HSET', job, 'queue', q, 'task', ARGV[4], 'state', 'queued', 'prio', ARGV[5],
+    'created', ARGV[8], 'lease', ARGV[9], 'maxd', ARGV[10], 'ttl', ARGV[11], 'deliv', '0', 'att', '0',
+    'run_at', fmt(now), 'rm', member, 'body', ARGV[12])
+  redis.call('ZADD', k_ready(q), ARGV[6], member)
+end
+if key then
+  redis.call('HSET', job, 'ikey', key)
+  if ARGV[13] ~= '0' then redis.call('SET', k_idem(key), id, 'PX', ARGV[13]) end
+end
+if not bound then redis.call('HSETNX', K_QUEUES, q, '') end
+signal(q, 1)
+return {'ok'}
 """
 )
 
