@@ -268,3 +268,51 @@ def test_app_sync_sends_take_the_blocking_path(redis_url: str, monkeypatch: pyte
         assert stats.ready == 1
     finally:
         app.close()
+
+
+def test_senders_beyond_max_connections_wait_for_one_and_give_up_after_the_wait(redis_url: str) -> None:
+    from offload.brokers.redis_blocking import command
+
+    link = BlockingLink.from_url(redis_url.split("?")[0], {"max_connections": 2}, wait=0.3)
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def ping(conn: object) -> object:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.01)  # hold the connection, so the other senders queue up for it
+        with lock:
+            inside[0] -= 1
+        return command(conn, "PING")
+
+    try:
+        threads = [threading.Thread(target=lambda: [link.run(ping) for _ in range(5)]) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert most[0] == 2  # never more than max_connections in use, and both were
+        assert link._open == 2  # the idle ones are reused, not replaced
+
+        held, release = threading.Event(), threading.Event()
+
+        def hold(conn: object) -> object:
+            held.set()
+            release.wait(5)
+            return command(conn, "PING")
+
+        holders = [threading.Thread(target=link.run, args=(hold,)) for _ in range(2)]
+        for t in holders:
+            t.start()
+        held.wait(5)
+        time.sleep(0.05)
+        begin = time.monotonic()
+        with pytest.raises(Exception, match=r"no free connection within 0\.3 s"):
+            link.run(ping)
+        assert 0.25 < time.monotonic() - begin < 2
+        release.set()
+        for t in holders:
+            t.join()
+        assert link.run(ping) in (b"PONG", "PONG", True)
+    finally:
+        link.close()
