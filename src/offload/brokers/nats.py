@@ -298,6 +298,11 @@ class NatsBroker(NatsStream, Broker):
         return results
 
     async def _settle_one(self, outcome: Settle) -> bool:
+        done = await self._settle_record(outcome)
+        await self._settled(outcome.delivery, done)  # transport=stream: ack the job's message
+        return done
+
+    async def _settle_record(self, outcome: Settle) -> bool:
         now = time.time()
         d = outcome.delivery
         found = await self._live(d, now)
@@ -339,8 +344,10 @@ class NatsBroker(NatsStream, Broker):
         rec, revision = found
         rec.lease_exp = now + d.lease_seconds
         if not await self._cas(k.job(d.job_id), k.dump(rec), revision):
+            await self._settled(d, False)
             return False
         await self._put(rec.index, repr(rec.lease_exp).encode())
+        await self._renewed(d, rec.lease_exp)  # transport=stream: an in-progress ack
         return True
 
     async def cancel(self, job_id: str) -> bool:
@@ -366,8 +373,10 @@ class NatsBroker(NatsStream, Broker):
         if found is None:
             return None
         rec = found[0]
-        if rec.state == JobState.RUNNING.value and rec.lease_exp <= time.time():
-            # Make an expired lease visible (requeue or dead-letter) as the other brokers do.
+        if not self.stream and rec.state == JobState.RUNNING.value and rec.lease_exp <= time.time():
+            # transport=kv: make an expired lease visible (requeue or dead-letter) as the other
+            # brokers do. (transport=stream: the job's message is redelivered and a fetcher
+            # takes the job over; until then it shows as running.)
             await self._recover(rec.index, time.time())
             await self._signal()
             found = await self._record(job_id)

@@ -28,6 +28,11 @@ import msgspec
 
 from offload.errors import ConfigurationError
 
+OPTIONS = ("bucket", "replicas", "transport", "ack_wait", "max_deliver")
+# transport=stream: the ready-stream consumers' ack wait (seconds) and MaxDeliver (see nats_stream)
+DEFAULT_ACK_WAIT = 2.0
+DEFAULT_MAX_DELIVER = 1000
+
 _PLAIN = re.compile(r"[-_a-zA-Z0-9]+")
 _BUCKET = re.compile(r"[-_a-zA-Z0-9]+")
 PRIO_BASE = 1_000_000  # prio token = PRIO_BASE - priority, zero padded: higher priority sorts first
@@ -56,6 +61,10 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     # While running: the ready key it was claimed from. A claim cut off after its CAS (an outage
     # between its writes) leaves that key; the lease recovery that must follow deletes it.
     src: str = ""
+    # transport=stream: the stream sequence of the ready message it was last claimed from. That
+    # message stays un-acked while the job runs (its redelivery brings back a crashed worker's
+    # job); a ready message at or below this sequence that the record no longer runs from is stale.
+    mseq: int = 0
     body: bytes = b""
     result: bytes | None = None
     error: str | None = None
@@ -165,10 +174,10 @@ def parse_nats_url(url: str) -> tuple[list[str], str, int]:
     if parts.scheme != "nats":
         raise ConfigurationError(f"not a NATS URL: {url!r}")
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = set(query) - {"bucket", "replicas", "transport"}
+    unknown = set(query) - set(OPTIONS)
     if unknown:
         raise ConfigurationError(
-            f"unknown option(s) {sorted(unknown)} in NATS broker URL; known: bucket, replicas, transport"
+            f"unknown option(s) {sorted(unknown)} in NATS broker URL; known: {', '.join(OPTIONS)}"
         )
     bucket = query.get("bucket", "offload")
     if not _BUCKET.fullmatch(bucket):
@@ -195,3 +204,22 @@ def parse_transport(url: str) -> str:
     if transport not in ("kv", "stream"):
         raise ConfigurationError(f"transport={transport!r}: use kv or stream")
     return transport
+
+
+def parse_stream_options(url: str) -> tuple[float, int]:
+    """transport=stream: (ack_wait, max_deliver) of the ready stream's consumers, from the URL's
+    `ack_wait=` (seconds) and `max_deliver=` options."""
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+    try:
+        ack_wait = float(query.get("ack_wait", DEFAULT_ACK_WAIT))
+    except ValueError:
+        raise ConfigurationError("ack_wait= must be a number of seconds") from None
+    if not 0.5 <= ack_wait <= 3600:
+        raise ConfigurationError(f"ack_wait={ack_wait}: use 0.5 to 3600 seconds")
+    try:
+        max_deliver = int(query.get("max_deliver", DEFAULT_MAX_DELIVER))
+    except ValueError:
+        raise ConfigurationError("max_deliver= must be an integer") from None
+    if max_deliver < 1:
+        raise ConfigurationError(f"max_deliver={max_deliver}: use 1 or more")
+    return ack_wait, max_deliver

@@ -343,7 +343,13 @@ class NatsKv:
         """Lease the job of a ready key: its Delivery, "stale" (the key is debris, now deleted)
         or "early" (the key is younger than STALE_AFTER: its writer may not have written the
         record yet, so try again shortly)."""
-        found = await self._record(job_id)
+        return await self._claim_record(job_id, windex, now, await self._record(job_id))
+
+    async def _claim_record(
+        self, job_id: str, windex: str, now: float, found: tuple[k.Record, int] | None, mseq: int = 0
+    ) -> Delivery | str:
+        """_claim with the record just read. `mseq`: the stream sequence of the ready message the
+        claim comes from (transport=stream), kept in the record."""
         if found is None or found[0].state != JobState.QUEUED.value or found[0].index != windex:
             # A finished job's record never points at a waiting key again: debris at once.
             if self._stale(windex, now) or (found is not None and found[0].state in FINAL):
@@ -360,6 +366,8 @@ class NatsKv:
         rec.lease_exp = rec.started + rec.lease
         rec.index = k.running(rec.queue, job_id)
         rec.src = windex
+        if mseq:
+            rec.mseq = mseq
         # The running key first (value: lease expiry), so a lease is always found when it expires.
         await self._put(rec.index, repr(rec.lease_exp).encode())
         if not await self._cas(k.job(job_id), k.dump(rec), revision):
