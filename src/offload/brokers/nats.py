@@ -1,6 +1,7 @@
 """The NATS JetStream broker: queues, leases and results in a JetStream Key-Value bucket.
 
     nats://[user:password@]host:4222[,host2:4222,...]?bucket=offload&replicas=3&transport=stream
+        (transport=stream also takes ack_wait=2&max_deliver=1000)
 
 Each job is one KV record (`j.<id>`), changed only by compare-and-set on its revision
 (`update(key, value, last=revision)`), so two workers can never both win a lease or both settle
@@ -9,12 +10,15 @@ keys, whose names are NATS subjects, say where each job is: waiting (ready or de
 (value: lease expiry), dead or finished. How a fetch finds ready jobs is the transport:
 `stream` (the default) pulls them from a work-queue stream, one durable pull consumer per queue
 and priority class (nats_stream); `kv` lists the queues' index keys (a scan per fetch). Either
-way the job is leased by CAS on its record, and expired leases are recovered (requeue, or
-dead-letter past max_deliveries). An idle fetch waits for a core NATS signal that enqueues,
-retries and releases publish, capped by the next due eta or lease expiry.
+way the job is leased by CAS on its record. With transport=stream the job's message stays
+un-acked while it runs (in-progress acks while the lease is live, an ack at settle), and a dead
+worker's job comes back by JetStream's redelivery of that message: taken over once the record's
+lease has run out, or dead-lettered past max_deliveries (the consumers' MaxDeliver is a backstop
+whose advisory dead-letters the job too). With transport=kv fetches recover expired leases from
+the running keys. An idle fetch waits for a core NATS signal that enqueues, retries and releases
+publish, capped by the next due eta or lease expiry.
 
-See docs/brokers/nats.md for the design, the guarantees and why leases stay in KV rather than in
-the stream's ack wait.
+See docs/brokers/nats.md for the design, the guarantees and what a fault costs.
 """
 
 from __future__ import annotations
