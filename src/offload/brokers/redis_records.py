@@ -65,15 +65,16 @@ def _enqueue_meta(items: Sequence[tuple[Message, bytes]]) -> tuple[bytes, bytes 
                 m.id,
                 m.queue,
                 m.task,
-                m.priority,
+                str(m.priority),
                 "" if m.eta is None else repr(float(m.eta)),
                 repr(float(m.created_at)) if m.created_at else now,
                 lease,
-                m.max_deliveries,
+                str(m.max_deliveries),
                 ttl,
                 False if m.idempotency_key is None else m.idempotency_key,
                 int(m.idempotency_window * 1000),
                 len(body),
+                str(-m.priority),
             )
         )
     if size > STAGE_BYTES:

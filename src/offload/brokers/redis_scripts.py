@@ -10,7 +10,9 @@ from __future__ import annotations
 from offload.brokers.redis_keys import script
 
 # ARGV: namespace, msgpack [[id, queue, task, priority, eta ("" = none), created_at, lease seconds,
-# max_deliveries, result_ttl, idempotency key (false = none), window in ms, body length], ...],
+# max_deliveries, result_ttl, idempotency key (false = none), window in ms, body length, ready-set
+# score (-priority)], ...], the numbers stored as they are sent as strings (a number Lua hands
+# to redis.call is formatted by printf: ~2,000 instructions each, a tenth of a bulk enqueue),
 # the bodies, and optionally a staging key: for a batch too large for one command the bodies were
 # written there first (field = the job's position), and this script takes them out atomically.
 # Returns {"ok", then for each job whose idempotency key is held by another job: its position
@@ -84,22 +86,22 @@ for i, it in ipairs(items) do
   local state = verdict[i]
   local job_body = body(it[12], i)
   if state == 'ready' or state == 'later' then
-    local id, q, prio, key = it[1], it[2], it[4], it[10]
+    local id, q, prio, key = it[1], it[2], it[4], it[10]  -- prio as a string, its score in it[13]
     local hash = k_job(id)
     if state == 'ready' then
       seq = seq + 1
       local member = string.format(SEQ_FORMAT, seq) .. id
       redis.call('HSET', hash, 'queue', q, 'task', it[3], 'state', 'queued', 'prio', prio,
-        'created', it[6], 'lease', it[7], 'maxd', it[8], 'ttl', it[9], 'deliv', 0, 'att', 0,
+        'created', it[6], 'lease', it[7], 'maxd', it[8], 'ttl', it[9], 'deliv', '0', 'att', '0',
         'run_at', at, 'rm', member, 'body', job_body)
       local m = members[q]
       if m == nil then m = {}; members[q] = m end
-      m[#m + 1] = 0 - prio
+      m[#m + 1] = it[13]
       m[#m + 1] = member
       bump(woken, q, 1)
     else
       redis.call('HSET', hash, 'queue', q, 'task', it[3], 'state', 'queued', 'prio', prio,
-        'created', it[6], 'lease', it[7], 'maxd', it[8], 'ttl', it[9], 'deliv', 0, 'att', 0,
+        'created', it[6], 'lease', it[7], 'maxd', it[8], 'ttl', it[9], 'deliv', '0', 'att', '0',
         'run_at', it[5], 'body', job_body)
       redis.call('ZADD', k_delayed(q), it[5], id)
       bump(woken, q, 0)  -- waiting fetches re-arm their timers for it
