@@ -77,7 +77,7 @@ class BlockingLink:
         if self._closed:
             raise rex.ConnectionError("the broker was closed")
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
-            self._idle, self._open, self._pid = [], 0, os.getpid()
+            self._idle, self._open, self._waiting, self._pid = [], 0, 0, os.getpid()
             self._freed = threading.Condition()
         conn, fresh = self._take()
         keep = False
