@@ -35,12 +35,15 @@ from offload.brokers import redis_scripts as lua
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle
 from offload.brokers.redis_blocking import BlockingLink, command, evalsha
 from offload.brokers.redis_client import (
+    SOCKET_TIMEOUT,
     AsyncSentinel,
     open_blocking_link,
     open_client,
     too_few_replicas,
     wait_command,
 )
+from offload.brokers.redis_link import AsyncLink
+from offload.brokers.redis_link import supported as link_supported
 from offload.brokers.redis_records import (
     _JOB_FIELDS,
     _deliveries,
@@ -84,6 +87,7 @@ class RedisBroker(Broker):
         self._sentinel: AsyncSentinel | None = None  # asked for the primary's address (Sentinel URLs)
         self._scripts: dict[str, AsyncScript] = {}
         self._blocking_link: BlockingLink | None = None  # enqueue_blocking's connections, made by connect()
+        self._async_link: AsyncLink | None = None  # scripts, pipelines on the loop; made by connect()
         # Concurrent sends reach enqueue_calls together: one pipelined round trip for all.
         self.batches_enqueue_calls = self._batches_in_scripts()
         self._route = [self.namespace + keys.QUEUES]  # KEYS[1] of every script: the namespace's slot
@@ -154,6 +158,8 @@ class RedisBroker(Broker):
         if self._blocking_enqueues():
             # Connects when a sync sender first uses it.
             self._blocking_link = open_blocking_link(self.target)
+        if link_supported(client.connection_pool):
+            self._async_link = AsyncLink(client.connection_pool, SOCKET_TIMEOUT)
         self._client, self._sentinel = client, sentinel
 
     async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
@@ -183,6 +189,9 @@ class RedisBroker(Broker):
         if self._blocking_link is not None:
             link, self._blocking_link = self._blocking_link, None
             link.close()  # no I/O beyond closing the idle sockets
+        if self._async_link is not None:
+            async_link, self._async_link = self._async_link, None
+            await async_link.close()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -198,8 +207,20 @@ class RedisBroker(Broker):
 
     async def _run(self, name: str, args: Sequence[Any]) -> Any:
         await self._redis()
+        link = self._async_link
+        if link is None:  # a redis-py without what AsyncLink uses
+            with self._errors():
+                return await self._scripts[name](keys=self._route, args=[self.namespace, *args])
+        command = self._evalsha(name, args)
+        try:
+            with self._errors():
+                return await link.call(*command)
+        except BrokerError as exc:
+            if not isinstance(exc.__cause__, rex.NoScriptError):
+                raise
+        await self._load_scripts()  # Redis restarted or flushed its scripts: the call did not run
         with self._errors():
-            return await self._scripts[name](keys=self._route, args=[self.namespace, *args])
+            return await link.call(*command)
 
     def _evalsha(self, name: str, args: Sequence[Any]) -> tuple[Any, ...]:
         """A script call as a plain command, for `_pipeline`."""
@@ -217,10 +238,13 @@ class RedisBroker(Broker):
         client = await self._redis()
         for attempt in (1, 2):
             with self._errors():
-                pipe = client.pipeline(transaction=False)
-                for command in commands:
-                    pipe.execute_command(*command)
-                answers: list[Any] = await pipe.execute(raise_on_error=False)
+                if self._async_link is not None:
+                    answers = await self._async_link.pipeline(commands)
+                else:
+                    pipe = client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    answers = await pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(a, rex.NoScriptError) for a in answers):
                 await self._load_scripts()
                 if resend:

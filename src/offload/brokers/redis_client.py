@@ -33,7 +33,14 @@ from offload.brokers.redis_blocking import BlockingLink
 from offload.brokers.redis_url import RedisUrl
 from offload.errors import BrokerError
 
-__all__ = ["AsyncSentinel", "open_blocking_link", "open_client", "too_few_replicas", "wait_command"]
+__all__ = [
+    "SOCKET_TIMEOUT",
+    "AsyncSentinel",
+    "open_blocking_link",
+    "open_client",
+    "too_few_replicas",
+    "wait_command",
+]
 
 SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
