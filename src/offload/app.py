@@ -52,7 +52,7 @@ class App:
         self.max_message_bytes = max_message_bytes
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.queue_bounds: dict[str, int | None] = {}
-        self.portal = Portal()
+        self.portal = Portal(at_exit=self.close_async)  # finishes background sends at exit
         # "module:attribute" this app was loaded from, so process-pool children can import it.
         self.import_path: str | None = None
         self._sync_broker: Broker | None = None  # the portal loop's broker, for sync sends
