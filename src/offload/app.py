@@ -212,6 +212,10 @@ class App:
             return self.portal.call(lambda: self.send_many_async(messages))
         # The broker can take a blocking caller directly (SQLite): skip the portal's hand-offs.
         items = [(m, encode(m, self.max_message_bytes)) for m in messages]
+        many = getattr(self._sync_broker, "enqueue_batches_blocking", None)
+        if many is not None and len(items) > SEND_BATCH:  # Redis: one batch's work overlaps the next's
+            batches = [items[start : start + SEND_BATCH] for start in range(0, len(items), SEND_BATCH)]
+            return [job for b, r in zip(batches, many(batches), strict=True) for job in self._jobs(b, r)]
         jobs: list[Job[Any]] = []
         for start in range(0, len(items), SEND_BATCH):
             batch = items[start : start + SEND_BATCH]

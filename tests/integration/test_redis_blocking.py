@@ -18,7 +18,9 @@ import pytest
 
 from contract import redis_store
 from offload import App, BrokerError, QueueFull
-from offload.brokers import Enqueued, broker_from_url, redis_records
+from offload import app as app_module
+from offload.brokers import Broker, Enqueued, broker_from_url, redis_records
+from offload.brokers import redis as redis_module
 from offload.brokers.rabbitmq import RabbitMQBroker
 from offload.brokers.redis import RedisBroker
 from offload.brokers.redis_blocking import BlockingLink
@@ -266,6 +268,84 @@ def test_app_sync_sends_take_the_blocking_path(redis_url: str, monkeypatch: pyte
         assert calls == [1, 2]
         [stats] = app.run_sync(lambda b: b.stats(["bounded"]))
         assert stats.ready == 1
+    finally:
+        app.close()
+
+
+def test_send_many_past_one_batch_stores_every_batch_in_order(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "SEND_BATCH", 3)  # 10 jobs: four batches, the last of one
+    app = App(redis_url)
+
+    @app.task
+    def work(n: int) -> int:
+        return n
+
+    try:
+        jobs = app.send_many([work.message(n) for n in range(10)])
+        assert len({j.id for j in jobs}) == 10
+
+        async def drain(b: Broker) -> list[str]:
+            taken = await b.fetch(["default"], 100, 0)
+            return [d.job_id for d in taken]
+
+        assert app.run_sync(drain) == [j.id for j in jobs]  # FIFO across the batches
+    finally:
+        app.close()
+
+
+def test_send_many_stops_at_the_first_refused_batch(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app_module, "SEND_BATCH", 2)
+    app = App(redis_url)
+    app.queue("bounded", max_depth=5)
+
+    @app.task(queue="bounded")
+    def work(n: int) -> int:
+        return n
+
+    try:
+        with pytest.raises(QueueFull) as caught:
+            app.send_many([work.message(n) for n in range(7)])  # batches 2, 2, 2, 1: the third is refused
+        assert (caught.value.depth, caught.value.max_depth) == (4, 5)
+        [stats] = app.run_sync(lambda b: b.stats(["bounded"]))
+        assert stats.ready == 4  # the two batches before it; not the fourth, which would fit
+    finally:
+        app.close()
+
+
+def test_send_many_reloads_scripts_flushed_between_batches(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    monkeypatch.setattr(app_module, "SEND_BATCH", 2)
+    app = App(redis_url)
+
+    @app.task
+    def work(n: int) -> int:
+        return n
+
+    original = redis_records.enqueue_command
+    built: list[int] = []
+
+    def flushing(items: Sequence[tuple[Message, bytes]]) -> tuple[str, list[object]] | None:
+        built.append(len(items))
+        if len(built) == 2:  # while the first batch is on the server: as after a restart
+            client = redis.Redis.from_url(redis_store.REDIS_URL)
+            try:
+                client.script_flush()
+            finally:
+                client.close()
+        return original(items)
+
+    try:
+        work.send(0)  # connects, scripts loaded
+        monkeypatch.setattr(redis_module, "enqueue_command", flushing)
+        jobs = app.send_many([work.message(n) for n in range(1, 7)])
+        assert built == [2, 2, 2]
+        [stats] = app.run_sync(lambda b: b.stats(["default"]))
+        assert stats.ready == 7 and len(jobs) == 6
     finally:
         app.close()
 

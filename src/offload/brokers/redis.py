@@ -33,7 +33,7 @@ from redis.commands.core import AsyncScript
 from offload.brokers import redis_keys as keys
 from offload.brokers import redis_scripts as lua
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle
-from offload.brokers.redis_blocking import BlockingLink, command, evalsha
+from offload.brokers.redis_blocking import BlockingLink, command, evalsha, evalsha_reply, send
 from offload.brokers.redis_client import (
     SOCKET_TIMEOUT,
     AsyncSentinel,
@@ -390,6 +390,58 @@ class RedisBroker(Broker):
         if wait and (short := too_few_replicas(self.target, confirmed)):
             raise short
         return _enqueued(items, reply)
+
+    @property
+    def enqueue_batches_blocking(
+        self,
+    ) -> Callable[[Sequence[Sequence[tuple[Message, bytes]]]], list[list[Enqueued]]] | None:
+        """Several batches for a sync caller (App.send_many past one batch): each all-or-nothing
+        as with `enqueue_blocking`, one after another, stopping at the first refused one
+        (QueueFull raised, the batches before it stored). None where enqueue_blocking is None."""
+        return self._enqueue_batches_blocking if self._blocking_enqueues() else None
+
+    def _enqueue_batches_blocking(
+        self, batches: Sequence[Sequence[tuple[Message, bytes]]]
+    ) -> list[list[Enqueued]]:
+        """On one connection, batch k+1's command is built while batch k's script runs on the
+        server, and sent once batch k's reply says it was stored: the client's share of a bulk
+        send overlaps Redis's instead of adding to it."""
+        link = self._blocking_link
+        if link is None:
+            raise RuntimeError("connect() the broker before enqueue_batches_blocking()")
+        if len(batches) < 2 or self.target.wait_replicas or not all(batches):
+            return [self._enqueue_blocking(b) for b in batches]  # WAIT after each batch
+        route, namespace = self._route[0], self.namespace
+        results: list[list[Enqueued]] = []
+        refused: list[QueueFull] = []
+
+        def send_rest(conn: Any) -> None:
+            # Run again on a fresh connection if an idle one was dead: starts after the batches
+            # already answered.
+            pending = batches[len(results) :]
+            call = enqueue_command(pending[0])
+            for i, batch in enumerate(pending):
+                if call is None:  # bodies too large for one command: staged, on its own
+                    results.append(self._enqueue_blocking(batch))
+                    call = enqueue_command(pending[i + 1]) if i + 1 < len(pending) else None
+                    continue
+                name, args = call
+                script = self._scripts[name]
+                send(conn, "EVALSHA", script.sha, 1, route, namespace, *args)
+                following = enqueue_command(pending[i + 1]) if i + 1 < len(pending) else None
+                reply = evalsha_reply(conn, script.sha, script.script, route, namespace, *args)
+                try:
+                    results.append(_enqueued(batch, reply))
+                except QueueFull as exc:
+                    refused.append(exc)  # raised below: the connection is fine
+                    return
+                call = following
+
+        with self._errors():
+            link.run(send_rest)
+        if refused:
+            raise refused[0]
+        return results
 
     def _stage_key(self) -> str:
         """A transient hash for a large batch's bodies (see _stage_chunks)."""
