@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -38,6 +38,24 @@ async def pool(redis_url: str) -> AsyncIterator[aioredis.BlockingConnectionPool]
     await pool.aclose()
 
 
+@pytest.fixture
+async def link(pool: aioredis.BlockingConnectionPool) -> AsyncIterator[AsyncLink]:
+    made = AsyncLink(pool, wait=1.0)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+def key() -> Iterator[str]:
+    made = f"offload-test-link:{uuid.uuid4().hex}"
+    yield made
+    client = redis.Redis.from_url(redis_store.REDIS_URL)
+    try:
+        client.delete(made)
+    finally:
+        client.close()
+
+
 def _kill_connections_running(command: str) -> int:
     """CLIENT KILL every connection whose last command was `command` (the test's own survives)."""
     client = redis.Redis.from_url(redis_store.REDIS_URL)
@@ -53,78 +71,56 @@ def _kill_connections_running(command: str) -> int:
 
 
 async def test_replies_come_back_in_order_and_error_replies_are_redis_py_exceptions(
-    pool: aioredis.BlockingConnectionPool,
+    link: AsyncLink, key: str
 ) -> None:
-    link = AsyncLink(pool, wait=1.0)
-    key = f"offload-test-link:{uuid.uuid4().hex}"
-    try:
-        assert await link.call("SET", key, "v", "EX", 60) == b"OK"
-        replies = await link.pipeline([("GET", key), ("INCR", key), ("EVALSHA", "0" * 40, 0), ("PING",)])
-        assert replies[0] == b"v"
-        assert isinstance(replies[1], rex.ResponseError)  # not an integer: returned, not raised
-        assert isinstance(replies[2], rex.NoScriptError)
-        assert replies[3] == b"PONG"
-        with pytest.raises(rex.NoScriptError):
-            await link.call("EVALSHA", "0" * 40, 0)
-        assert await link.call("DEL", key) == 1  # an error reply leaves the connection usable
-    finally:
-        await link.close()
+    assert await link.call("SET", key, "v", "EX", 60) == b"OK"
+    replies = await link.pipeline([("GET", key), ("INCR", key), ("EVALSHA", "0" * 40, 0), ("PING",)])
+    assert replies[0] == b"v"
+    assert isinstance(replies[1], rex.ResponseError)  # not an integer: returned, not raised
+    assert isinstance(replies[2], rex.NoScriptError)
+    assert replies[3] == b"PONG"
+    with pytest.raises(rex.NoScriptError):
+        await link.call("EVALSHA", "0" * 40, 0)
+    assert await link.call("DEL", key) == 1  # an error reply leaves the connection usable
 
 
-async def test_a_connection_killed_while_idle_is_replaced_without_an_error(
-    pool: aioredis.BlockingConnectionPool,
-) -> None:
-    link = AsyncLink(pool, wait=1.0)
-    try:
-        assert await link.call("ECHO", "before") == b"before"
-        assert _kill_connections_running("echo") == 1
-        await asyncio.sleep(0.1)  # the EOF reaches the idle connection's transport
-        assert await link.call("ECHO", "after") == b"after"
-    finally:
-        await link.close()
+async def test_a_connection_killed_while_idle_is_replaced_without_an_error(link: AsyncLink) -> None:
+    assert await link.call("ECHO", "before") == b"before"
+    assert _kill_connections_running("echo") == 1
+    await asyncio.sleep(0.1)  # the EOF reaches the idle connection's transport
+    assert await link.call("ECHO", "after") == b"after"
 
 
-async def test_a_cancelled_call_never_leaves_its_reply_to_the_next_caller(
-    pool: aioredis.BlockingConnectionPool,
-) -> None:
-    link = AsyncLink(pool, wait=1.0)
-    key = f"offload-test-link:{uuid.uuid4().hex}"
-    try:
-        blocked = asyncio.ensure_future(link.call("BLPOP", key, 2))
-        await asyncio.sleep(0.2)
-        blocked.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await blocked
-        assert await link.call("PING") == b"PONG"  # not the BLPOP's nil, read off its connection
-        await link.call("RPUSH", key, "late")
-        await asyncio.sleep(0.1)
-        assert await link.call("LLEN", key) == 1  # the cancelled BLPOP is gone from the server
-    finally:
-        await link.call("DEL", key)
-        await link.close()
+async def test_a_cancelled_call_never_leaves_its_reply_to_the_next_caller(link: AsyncLink, key: str) -> None:
+    blocked = asyncio.ensure_future(link.call("BLPOP", key, 2))
+    await asyncio.sleep(0.2)
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    assert await link.call("PING") == b"PONG"  # not the BLPOP's nil, read off its connection
+    await link.call("RPUSH", key, "late")
+    await asyncio.sleep(0.1)
+    assert await link.call("LLEN", key) == 1  # the cancelled BLPOP is gone from the server
 
 
 async def test_callers_beyond_max_connections_wait_then_give_up(
-    pool: aioredis.BlockingConnectionPool,
+    pool: aioredis.BlockingConnectionPool, key: str
 ) -> None:
     link = AsyncLink(pool, wait=0.3)  # the pool allows 2 connections
-    key = f"offload-test-link:{uuid.uuid4().hex}"
+    holders = [asyncio.ensure_future(link.call("BLPOP", key, 1)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    with pytest.raises(rex.ConnectionError, match="max_connections"):
+        await link.call("PING")  # both connections stay busy past the wait
+    waiter = asyncio.ensure_future(link.call("PING"))
+    await asyncio.sleep(0.05)
+    other = aioredis.Redis.from_url(redis_store.REDIS_URL)
     try:
-        holders = [asyncio.ensure_future(link.call("BLPOP", key, 1)) for _ in range(2)]
-        await asyncio.sleep(0.1)
-        with pytest.raises(rex.ConnectionError, match="max_connections"):
-            await link.call("PING")  # both connections stay busy past the wait
-        waiter = asyncio.ensure_future(link.call("PING"))
-        await asyncio.sleep(0.05)
-        other = aioredis.Redis.from_url(redis_store.REDIS_URL)
-        try:
-            await other.rpush(key, "x")  # frees one holder
-        finally:
-            await other.aclose()
-        assert await waiter == b"PONG"  # the waiter got the connection given back
-        assert [await h for h in holders].count(None) == 1
+        await other.rpush(key, "x")  # frees one holder
     finally:
-        await link.close()
+        await other.aclose()
+    assert await waiter == b"PONG"  # the waiter got the connection given back
+    assert [await h for h in holders].count(None) == 1
+    await link.close()
 
 
 async def test_a_broker_reloads_scripts_flushed_under_it(
