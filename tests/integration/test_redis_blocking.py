@@ -314,6 +314,38 @@ def test_send_many_stops_at_the_first_refused_batch(redis_url: str, monkeypatch:
         app.close()
 
 
+def test_send_many_stages_a_large_batch_among_the_others(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "SEND_BATCH", 3)
+    monkeypatch.setattr(redis_records, "STAGE_BYTES", 1000)  # a batch of 3 large jobs is staged
+    app = App(redis_url)
+
+    @app.task
+    def work(text: str) -> str:
+        return text
+
+    staged: list[int] = []
+    original = RedisBroker._enqueue_staged
+
+    def counting(self: RedisBroker, conn: object, items: Sequence[tuple[Message, bytes]]) -> object:
+        staged.append(len(items))
+        return original(self, conn, items)
+
+    monkeypatch.setattr(RedisBroker, "_enqueue_staged", counting)
+    try:
+        texts = ["x" * 500, "y" * 500, "z" * 500, "a", "b", "c", "w" * 400]
+        jobs = app.send_many([work.message(t) for t in texts])  # batches of 3, 3, 1
+        assert staged == [3]  # the first batch; the one-job batch fits one ENQUEUE_ONE
+
+        async def drain(b: Broker) -> list[str]:
+            return [d.job_id for d in await b.fetch(["default"], 100, 0)]
+
+        assert app.run_sync(drain) == [j.id for j in jobs]
+    finally:
+        app.close()
+
+
 def test_send_many_reloads_scripts_flushed_between_batches(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -212,14 +212,12 @@ class RedisBroker(Broker):
             with self._errors():
                 return await self._scripts[name](keys=self._route, args=[self.namespace, *args])
         command = self._evalsha(name, args)
-        try:
-            with self._errors():
-                return await link.call(*command)
-        except BrokerError as exc:
-            if not isinstance(exc.__cause__, rex.NoScriptError):
-                raise
-        await self._load_scripts()  # Redis restarted or flushed its scripts: the call did not run
         with self._errors():
+            try:
+                return await link.call(*command)
+            except rex.NoScriptError:
+                pass
+            await self._load_scripts()  # Redis restarted or flushed its scripts: the call did not run
             return await link.call(*command)
 
     def _evalsha(self, name: str, args: Sequence[Any]) -> tuple[Any, ...]:
@@ -365,24 +363,18 @@ class RedisBroker(Broker):
             name, args = call
             script = self._scripts[name]
 
-            def send(conn: Any) -> Any:
+            def store(conn: Any) -> Any:
                 return evalsha(conn, script.sha, script.script, route, namespace, *args)
 
         else:
-            meta, _ = _enqueue_meta(items)
-            key = self._stage_key()
-            script = self._scripts["ENQUEUE"]
 
-            def send(conn: Any) -> Any:
-                for chunk in _stage_chunks(items):
-                    command(conn, "HSET", key, *(x for pair in chunk.items() for x in pair))
-                command(conn, "EXPIRE", key, STAGE_TTL)
-                return evalsha(conn, script.sha, script.script, route, namespace, meta, b"", key)
+            def store(conn: Any) -> Any:
+                return self._enqueue_staged(conn, items)
 
         wait = wait_command(self.target) if self.target.wait_replicas else None
 
         def send_and_wait(conn: Any) -> tuple[Any, Any]:
-            reply = send(conn)  # then WAIT on the same connection, for this batch's writes
+            reply = store(conn)  # then WAIT on the same connection, for this batch's writes
             return reply, command(conn, *wait) if wait else None
 
         with self._errors():
@@ -390,6 +382,17 @@ class RedisBroker(Broker):
         if wait and (short := too_few_replicas(self.target, confirmed)):
             raise short
         return _enqueued(items, reply)
+
+    def _enqueue_staged(self, conn: Any, items: Sequence[tuple[Message, bytes]]) -> Any:
+        """A batch too large for one command, on a blocking connection: its bodies staged in a
+        transient hash, then ENQUEUE reading them from there. Returns the script's reply."""
+        meta, _ = _enqueue_meta(items)
+        key = self._stage_key()
+        script = self._scripts["ENQUEUE"]
+        for chunk in _stage_chunks(items):
+            command(conn, "HSET", key, *(x for pair in chunk.items() for x in pair))
+        command(conn, "EXPIRE", key, STAGE_TTL)
+        return evalsha(conn, script.sha, script.script, self._route[0], self.namespace, meta, b"", key)
 
     @property
     def enqueue_batches_blocking(
@@ -421,15 +424,16 @@ class RedisBroker(Broker):
             pending = batches[len(results) :]
             call = enqueue_command(pending[0])
             for i, batch in enumerate(pending):
-                if call is None:  # bodies too large for one command: staged, on its own
-                    results.append(self._enqueue_blocking(batch))
-                    call = enqueue_command(pending[i + 1]) if i + 1 < len(pending) else None
-                    continue
-                name, args = call
-                script = self._scripts[name]
-                send(conn, "EVALSHA", script.sha, 1, route, namespace, *args)
-                following = enqueue_command(pending[i + 1]) if i + 1 < len(pending) else None
-                reply = evalsha_reply(conn, script.sha, script.script, route, namespace, *args)
+                last = i + 1 == len(pending)
+                if call is None:  # bodies too large for one command
+                    reply = self._enqueue_staged(conn, batch)
+                    following = None if last else enqueue_command(pending[i + 1])
+                else:
+                    name, args = call
+                    script = self._scripts[name]
+                    send(conn, "EVALSHA", script.sha, 1, route, namespace, *args)
+                    following = None if last else enqueue_command(pending[i + 1])  # meanwhile
+                    reply = evalsha_reply(conn, script.sha, script.script, route, namespace, *args)
                 try:
                     results.append(_enqueued(batch, reply))
                 except QueueFull as exc:
