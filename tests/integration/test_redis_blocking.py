@@ -272,6 +272,15 @@ def test_app_sync_sends_take_the_blocking_path(redis_url: str, monkeypatch: pyte
         app.close()
 
 
+def _fetched_ids(app: App) -> list[str]:
+    """Lease everything ready in the default queue, in order."""
+
+    async def fetch(b: Broker) -> list[str]:
+        return [d.job_id for d in await b.fetch(["default"], 100, 0)]
+
+    return app.run_sync(fetch)
+
+
 def test_send_many_past_one_batch_stores_every_batch_in_order(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,12 +294,7 @@ def test_send_many_past_one_batch_stores_every_batch_in_order(
     try:
         jobs = app.send_many([work.message(n) for n in range(10)])
         assert len({j.id for j in jobs}) == 10
-
-        async def drain(b: Broker) -> list[str]:
-            taken = await b.fetch(["default"], 100, 0)
-            return [d.job_id for d in taken]
-
-        assert app.run_sync(drain) == [j.id for j in jobs]  # FIFO across the batches
+        assert _fetched_ids(app) == [j.id for j in jobs]  # FIFO across the batches
     finally:
         app.close()
 
@@ -337,11 +341,7 @@ def test_send_many_stages_a_large_batch_among_the_others(
         texts = ["x" * 500, "y" * 500, "z" * 500, "a", "b", "c", "w" * 400]
         jobs = app.send_many([work.message(t) for t in texts])  # batches of 3, 3, 1
         assert staged == [3]  # the first batch; the one-job batch fits one ENQUEUE_ONE
-
-        async def drain(b: Broker) -> list[str]:
-            return [d.job_id for d in await b.fetch(["default"], 100, 0)]
-
-        assert app.run_sync(drain) == [j.id for j in jobs]
+        assert _fetched_ids(app) == [j.id for j in jobs]
     finally:
         app.close()
 
