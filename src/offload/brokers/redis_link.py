@@ -19,6 +19,7 @@ and RedisBroker falls back to the redis-py client when they are missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -103,7 +104,17 @@ class AsyncLink:
         except TimeoutError as exc:  # asyncio.timeout's, a builtin: redis-py's, as its client raises
             raise rex.TimeoutError(f"no reply from Redis within {self._timeout} s") from exc
         finally:
-            self._give_back(conn, keep)
+            if keep and not self._closed:
+                self._idle.append(conn)
+            else:
+                self._open -= 1
+                # Closed now, before the caller hears of the failure or the cancel (nowait: no
+                # I/O, nothing to wait for): a BLPOP left blocked on the server would take the
+                # next wake-up, and the FETCH queued behind it would lease jobs to nobody.
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+            if self._waiters:
+                self._wake_one()
 
     async def _take(self) -> Any:
         """A connection when none is idle: a new one below max_connections, else the first
@@ -141,26 +152,12 @@ class AsyncLink:
                 if not waiter.done():
                     waiter.cancel()
 
-    def _give_back(self, conn: Any, keep: bool) -> None:
-        if keep and not self._closed:
-            self._idle.append(conn)
-        else:
-            self._open -= 1
-            self._drop(conn)
-        if self._waiters:
-            self._wake_one()
-
     def _wake_one(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
-
-    def _drop(self, conn: Any) -> None:
-        # nowait: closes the transport without waiting for the peer (a reply may be in flight).
-        task = asyncio.ensure_future(conn.disconnect(nowait=True))
-        task.add_done_callback(_ignore)
 
     async def close(self) -> None:
         self._closed = True
@@ -183,8 +180,3 @@ def _peek(conn: Any) -> Any:
     """The connection's "anything read but not asked for, or EOF?" check: can_read since
     redis-py 8 (which deprecates the older name), can_read_destructive before."""
     return getattr(conn, "can_read", None) or getattr(conn, "can_read_destructive", None)
-
-
-def _ignore(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
