@@ -110,6 +110,7 @@ class NatsStream(NatsKv):
         self.rescue_after = self.ack_wait + STALE_AFTER
         self._held: dict[tuple[str, int], Held] = {}  # (job id, token) -> its message
         self._keeper: asyncio.Task[None] | None = None  # sends the held messages' in-progress acks
+        self._handing_back: set[asyncio.Future[None]] = set()  # the keeper's naks, not yet handled
         # job id -> (stream seq, deliveries, when to look again): a message JetStream will not
         # deliver again (max_deliver) whose job's lease was still live when the advisory came.
         self._exhausted_at: dict[str, tuple[int, int, float]] = {}
@@ -465,7 +466,9 @@ class NatsStream(NatsKv):
                 for key in expired:
                     held = self._held.pop(key, None)
                     if held is not None:
-                        await _quietly(held.msg.nak())
+                        nak = asyncio.ensure_future(self._nak_handled(held.msg))
+                        self._handing_back.add(nak)
+                        nak.add_done_callback(self._handing_back.discard)
                 await asyncio.gather(*(_quietly(h.msg.in_progress()) for h in self._held.values()))
                 for seq, deliveries, due in list(self._exhausted_at.values()):
                     if due <= now:
@@ -477,15 +480,22 @@ class NatsStream(NatsKv):
         """Nak the held messages of these queues whose lease ran out here (the worker lost it), so
         the pulls that follow get them back at once (and take the jobs over)."""
         expired = [key for key, h in self._held.items() if h.lease_exp <= now and h.queue_key in qkeys]
-        if not expired:
-            return
-        for key in expired:
-            held = self._held.pop(key, None)
-            if held is not None:
-                await _quietly(held.msg.nak())
+        naks = [self._nak_handled(held.msg) for key in expired if (held := self._held.pop(key, None))]
+        if naks:
+            await asyncio.gather(*naks)
+        if self._handing_back:  # the keeper's: a pull sent while one is in flight would miss it
+            await asyncio.wait(list(self._handing_back))  # (wait: a cancelled fetch leaves them be)
+
+    async def _nak_handled(self, msg: Msg) -> None:
+        """Nak a held message for redelivery at once, and return once the server has handled the
+        nak. It handles acks apart from pull requests, so a nak merely sent (even flushed) can
+        lose the race with the pull that follows, and the job would wait out ack_wait; the server
+        answers an ack sent as a request after handling it."""
         assert self._nc is not None
-        with contextlib.suppress(Exception):
-            await self._nc.flush(timeout=int(PULL_TIMEOUT))  # the naks are in before the pulls
+        try:
+            await self._nc.request(msg.reply, b"-NAK", timeout=PULL_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - the link is down: the message comes back after ack_wait
+            log.debug("handing back a ready message failed: %s", exc)
 
     async def _live(self, d: Delivery, now: float) -> tuple[k.Record, int] | None:
         """The record, if the delivery's lease is current. If not, its message is let go: handed
@@ -501,7 +511,7 @@ class NatsStream(NatsKv):
                 mine = True
         held = self._held.pop((d.job_id, d.token), None)
         if held is not None and mine:
-            await _quietly(held.msg.nak())
+            await self._nak_handled(held.msg)
         return None
 
     async def _settled(self, d: Delivery, done: bool) -> None:
