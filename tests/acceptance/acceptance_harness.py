@@ -141,9 +141,14 @@ class Harness:
         try:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            tail = self.stderr_of(process)[-4000:]
+            # What is it doing? A worker (a supervisor passes it on) dumps its threads' and asyncio
+            # tasks' stacks on SIGUSR1 (offload.worker.stackdump).
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            tail = self.stderr_of(process)[-30000:]
             raise AssertionError(
-                f"pid {process.pid} still running after {timeout:.0f}s; stderr:\n{tail}"
+                f"pid {process.pid} still running after {timeout:.0f}s; stderr (with a stack dump):\n{tail}"
             ) from None
 
     def stderr_of(self, process: subprocess.Popen[bytes]) -> str:

@@ -70,3 +70,22 @@ def test_sigterm_past_grace_hands_back_leases_at_once(harness: Harness, concurre
     assert (stats["ready"], stats["running"]) == (1, 0), stats
     assert harness.count("end", "sleepy") == 0
     print(f"\nconcurrency {concurrency}: stopped {took:.2f}s after SIGTERM, job ready again at once")
+
+
+@pytest.mark.timeout(90)
+def test_sigusr1_dumps_every_workers_stacks_and_they_keep_working(harness: Harness) -> None:
+    [job_id] = harness.send(acceptance_app.sleepy, [1])
+    supervisor = harness.spawn("worker", APP, "--processes", "2", "--concurrency", "4", "--grace", "1")
+    wait_until(lambda: harness.count("start", "sleepy") == 1, 60, "the job to start")
+    wait_until(lambda: harness.stderr_of(supervisor).count("worker started") == 2, 60, "both workers")
+
+    supervisor.send_signal(signal.SIGUSR1)
+    wait_until(lambda: harness.stderr_of(supervisor).count("--- end of tasks") == 2, 30, "two task dumps")
+    dump = harness.stderr_of(supervisor)
+    assert dump.count("Current thread") + dump.count("Thread 0x") >= 2, dump  # faulthandler's dump
+    assert "offload-job-" + job_id in dump, dump  # the running job's task, named after it
+    assert "in sleepy" in dump, dump  # the thread running it, in the task's code
+
+    supervisor.send_signal(signal.SIGTERM)
+    assert harness.wait_exit(supervisor, 30) == 0
+    assert "died" not in harness.stderr_of(supervisor), "a worker died of SIGUSR1"

@@ -27,6 +27,7 @@ from offload.brokers.base import Broker, Delivery, Settle
 from offload.errors import EncodeError, Retry
 from offload.maintenance import Maintenance, run_periodically
 from offload.message import Message, decode
+from offload.worker import stackdump
 from offload.worker.executors import Executors, ProcessTaskError
 from offload.worker.leases import LeaseKeeper
 from offload.worker.settler import Settler
@@ -89,9 +90,11 @@ class Worker:
             self._fetching.cancel()
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop gracefully; SIGUSR1 dumps every thread's and task's stack."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        stackdump.install(loop)
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 Each child is `python -m offload worker ... --processes 1`, a plain process with its own event
 loop. SIGTERM/SIGINT are forwarded so children drain gracefully; children still alive after their
-grace period (plus a margin) are killed. In burst mode a child that exits 0 is done and is not
-restarted; one that dies of a signal or an error is restarted like any crash.
+grace period (plus a margin) are killed. SIGUSR1 is forwarded too (each child dumps its stacks).
+In burst mode a child that exits 0 is done and is not restarted; one that dies of a signal or an
+error is restarted like any crash.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ log = logging.getLogger("offload.supervisor")
 
 RESTART_BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0  # a child up this long resets its restart backoff
+DUMP_GAP = 1.0  # seconds between passing SIGUSR1 to one worker and the next
 
 
 @dataclass
@@ -41,10 +43,14 @@ class Supervisor:
         self.burst = burst
         self.grace = grace
         self._stop_requested: float | None = None
+        self._dumps_due: list[_Slot] = []  # SIGUSR1 to pass on, one worker at a time
+        self._next_dump = 0.0
 
     def _spawn(self, slot: _Slot) -> None:
         env = dict(os.environ, OFFLOAD_WORKER_INDEX=str(slot.index))
-        slot.process = subprocess.Popen([sys.executable, "-m", "offload", *self.child_argv], env=env)
+        slot.process = subprocess.Popen(
+            [sys.executable, "-m", "offload", *self.child_argv], env=env, preexec_fn=_ignore_sigusr1
+        )
         slot.started = time.monotonic()
         log.info("worker process %d started (pid %d)", slot.index, slot.process.pid)
 
@@ -56,9 +62,26 @@ class Supervisor:
                 if slot.process is not None and slot.process.poll() is None:
                     slot.process.send_signal(signal.SIGTERM)
 
+    def _request_dumps(self, _signum: int, _frame: object) -> None:
+        """SIGUSR1 (dump stacks, offload.worker.stackdump): for every worker process, in turn."""
+        self._dumps_due = list(self.slots)
+
+    def _pass_on_dump(self, now: float) -> None:
+        # One at a time, DUMP_GAP apart: the workers share the supervisor's stderr, and a dump is
+        # many small writes that would interleave.
+        if now < self._next_dump:
+            return
+        while self._dumps_due:
+            slot = self._dumps_due.pop(0)
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGUSR1)
+                self._next_dump = now + DUMP_GAP
+                return
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGUSR1, self._request_dumps)
         for slot in self.slots:
             self._spawn(slot)
         while True:
@@ -103,7 +126,15 @@ class Supervisor:
                     if slot.process is not None and slot.process.poll() is None:
                         log.warning("worker process %d ignored SIGTERM; killing it", slot.index)
                         slot.process.kill()
+            if self._dumps_due:
+                self._pass_on_dump(now)
             time.sleep(0.1)
+
+
+def _ignore_sigusr1() -> None:
+    """In a child, before it runs Python: a SIGUSR1 passed on while it starts (before it set up
+    its stack dump) would otherwise kill it (the default action)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _describe_exit(code: int) -> str:
