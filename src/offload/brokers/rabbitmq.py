@@ -294,10 +294,7 @@ class RabbitMQBroker(RedisBroker):
         try:
             for _, m in flat:  # declarations first, so the publishes below go out in order
                 await self._link.declare(m.queue, min(9, max(0, m.priority)))
-            answers = await asyncio.gather(
-                *(self._link.publish(m.id, m.queue, m.priority, (m.eta or now) - now) for _, m in flat),
-                return_exceptions=True,
-            )
+            answers = await self._publish_all([m for _, m in flat], now)
         except Exception as exc:  # noqa: BLE001 - a declaration failed: nothing confirmed
             return dict.fromkeys(fresh, exc)
         except BaseException:  # cancelled: no caller hears of these jobs, so take them all back
@@ -309,6 +306,20 @@ class RabbitMQBroker(RedisBroker):
             if isinstance(answer, BaseException) and i not in failed:
                 failed[i] = answer
         return failed
+
+    async def _publish_all(self, messages: list[Message], now: float) -> list[BaseException | None]:
+        """Publish the messages, each awaiting its confirm: what each raised, or None."""
+        if len(messages) == 1:  # most sends: without gather's task and its loop turn
+            m = messages[0]
+            try:
+                await self._link.publish(m.id, m.queue, m.priority, (m.eta or now) - now)
+            except Exception as exc:  # noqa: BLE001 - reported per call, as gather's are
+                return [exc]
+            return [None]
+        return await asyncio.gather(
+            *(self._link.publish(m.id, m.queue, m.priority, (m.eta or now) - now) for m in messages),
+            return_exceptions=True,
+        )
 
     async def _refused(self, items: list[tuple[Message, bytes]], exc: BaseException) -> Exception:
         """What a call whose publish was not confirmed raises: QueueFull if RabbitMQ refused it."""

@@ -24,11 +24,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq
 from aiormq import spec
 
 from offload.brokers.rabbitmq_url import RabbitMQOptions, bucket_ms
@@ -191,7 +192,8 @@ class AmqpLink:
             exchange, routing_key = "", target  # the default exchange: straight to the queue
         channel = await self.channel()
         with self.errors():
-            underlay = await channel.get_underlay_channel()
+            # aiormq's Channel: its abstract type lacks `wait` (aiormq has had it since 6.4).
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
             await underlay.basic_publish(
                 b"",
                 exchange=exchange,
@@ -199,6 +201,9 @@ class AmqpLink:
                 properties=properties,
                 mandatory=True,
                 timeout=PUBLISH_TIMEOUT,
+                # Not waiting for the frames to be written (a loop turn in aiormq's writer task):
+                # the confirm, awaited next, says more, and a lost connection fails it.
+                wait=False,
             )
 
     async def get(self, name: str) -> aio_pika.abc.AbstractIncomingMessage | None:
