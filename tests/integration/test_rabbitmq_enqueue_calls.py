@@ -97,3 +97,39 @@ async def test_concurrent_sends_reload_the_scripts_a_restarted_redis_lost(url: s
         assert len(got) == 2
     finally:
         await broker.close()
+
+
+@pytest.mark.parametrize("delayed", [False, True], ids=["ready", "delayed"])
+async def test_a_send_to_a_queue_deleted_behind_the_brokers_back_is_not_lost(url: str, delayed: bool) -> None:
+    """RabbitMQ returns a message it cannot route (its queue is gone: an operator deleted it) and
+    then confirms it: the send must not take that confirm as stored. (A delayed job's message
+    goes to a delay bucket first: the bucket is the queue deleted then.)"""
+    import time
+
+    import aio_pika
+
+    def eta() -> float | None:
+        return time.time() + 0.5 if delayed else None
+
+    broker = RabbitMQBroker(url)
+    await broker.connect()
+    try:
+        await broker.enqueue([item(queue="gone", eta=eta())])
+        [name] = (
+            [n for n in broker._link._declared if ".delay." in n]
+            if delayed
+            else [broker._link.name("gone", 0)]
+        )
+        other = await aio_pika.connect(broker._link.options.amqp_url)
+        try:
+            channel = await other.channel()
+            await channel.queue_delete(name)  # with the first job's message
+        finally:
+            await other.close()
+
+        [second] = await broker.enqueue([item(queue="gone", eta=eta())])
+        assert second.created
+        got = await broker.fetch(["gone"], 10, wait=5.0)
+        assert [d.job_id for d in got] == [second.job_id], "the second send's message was lost"
+    finally:
+        await broker.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
@@ -34,6 +35,8 @@ from aiormq import spec
 
 from offload.brokers.rabbitmq_url import RabbitMQOptions, bucket_ms
 from offload.errors import BrokerError
+
+log = logging.getLogger("offload.broker")
 
 CONNECT_TIMEOUT = 10.0
 PERSISTENT = 2  # delivery_mode: written to disk (a quorum queue stores every message anyway)
@@ -151,10 +154,11 @@ class AmqpLink:
         self._queues[name] = q
         return name
 
-    async def bucket(self, ms: int) -> None:
+    async def bucket(self, ms: int) -> str:
+        """Declare the delay bucket of `ms` (idempotent); its name."""
         name = f"{self.prefix}.delay.{ms}"
         if name in self._declared:
-            return
+            return name
         channel = await self.channel()
         await self._remember(None, [name], [])  # before: cleanup tools must find it
         with self.errors():
@@ -171,40 +175,63 @@ class AmqpLink:
             )
             await q.bind(f"{self.prefix}.delay", routing_key=f"{ms}.#")
         self._declared.add(name)
+        return name
 
     async def publish(self, job_id: str, queue: str, prio: int, delay: float) -> None:
         """Publish one job message (to its class queue, or to a delay bucket); return on the confirm.
 
-        Raises DeliveryError if RabbitMQ refused it (a full queue), BrokerError if it is unreachable.
+        Raises DeliveryError if RabbitMQ refused it (a full queue), BrokerError if it is unreachable
+        or found no queue to route it to.
         """
         prio = min(9, max(0, prio))
-        target = await self.declare(queue, prio)
         # Straight to aiormq's channel with pamqp's properties: aio-pika's Message and Exchange
         # layers added about a fifth of a send's CPU and nothing this needs.
         properties = spec.Basic.Properties(
             message_id=job_id, delivery_mode=PERSISTENT, correlation_id=str(time.time_ns())
         )
-        if delay > 0:
-            ms = bucket_ms(delay)
-            await self.bucket(ms)
-            exchange, routing_key = f"{self.prefix}.delay", f"{ms}.{target}"
-        else:
-            exchange, routing_key = "", target  # the default exchange: straight to the queue
-        channel = await self.channel()
-        with self.errors():
-            # aiormq's Channel: its abstract type lacks `wait` (aiormq has had it since 6.4).
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-            await underlay.basic_publish(
-                b"",
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=True,
-                timeout=PUBLISH_TIMEOUT,
-                # Not waiting for the frames to be written (a loop turn in aiormq's writer task):
-                # the confirm, awaited next, says more, and a lost connection fails it.
-                wait=False,
-            )
+        for attempt in (1, 2):
+            target = await self.declare(queue, prio)
+            bucket = None
+            if delay > 0:
+                ms = bucket_ms(delay)
+                bucket = await self.bucket(ms)
+                exchange, routing_key = f"{self.prefix}.delay", f"{ms}.{target}"
+            else:
+                exchange, routing_key = "", target  # the default exchange: straight to the queue
+            channel = await self.channel()
+            with self.errors():
+                # aiormq's Channel: its abstract type lacks `wait` (aiormq has had it since 6.4).
+                underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+                confirmed = await underlay.basic_publish(
+                    b"",
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                    timeout=PUBLISH_TIMEOUT,
+                    # Not waiting for the frames to be written (a loop turn in aiormq's writer
+                    # task): the confirm, awaited next, says more, and a lost connection fails it.
+                    wait=False,
+                )
+            if isinstance(confirmed, spec.Basic.Ack):
+                return
+            # Returned unroutable (mandatory) and then confirmed: no queue took it. Its queue was
+            # deleted behind our back (an operator, a policy): declare it again and publish again
+            # (nothing was stored, so this is no duplicate).
+            self._undeclare(target, bucket)
+            if attempt == 2:
+                raise BrokerError(
+                    f"RabbitMQ at {self.where} returned job {job_id}'s message as unroutable to "
+                    f"{routing_key!r} twice, after declaring its queue again: is something deleting "
+                    "offload's queues?"
+                )
+            log.warning("RabbitMQ returned a message to %r as unroutable: declaring again", routing_key)
+
+    def _undeclare(self, *names: str | None) -> None:
+        for name in names:
+            if name is not None:
+                self._declared.discard(name)
+                self._queues.pop(name, None)
 
     async def get(self, name: str) -> aio_pika.abc.AbstractIncomingMessage | None:
         """basic.get one message (manual ack) from a queue known to exist."""
