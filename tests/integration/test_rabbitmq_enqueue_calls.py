@@ -133,3 +133,32 @@ async def test_a_send_to_a_queue_deleted_behind_the_brokers_back_is_not_lost(url
         assert [d.job_id for d in got] == [second.job_id], "the second send's message was lost"
     finally:
         await broker.close()
+
+
+async def test_a_worker_whose_queue_was_deleted_declares_it_again(url: str) -> None:
+    import aio_pika
+
+    from offload.brokers.base import Settle
+
+    sender = RabbitMQBroker(url)
+    await sender.connect()
+    worker = RabbitMQBroker(url)  # started after the deletion: its first fetch consumes
+    try:
+        [first] = await sender.enqueue([item(queue="gone", priority=5)])  # its own class queue
+        other = await aio_pika.connect(sender._link.options.amqp_url)
+        try:
+            channel = await other.channel()
+            await channel.queue_delete(sender._link.name("gone", 5))  # with the job's message
+        finally:
+            await other.close()
+
+        await worker.connect()
+        assert await worker.fetch(["gone"], 1, wait=0.3) == []
+        [again] = await worker.enqueue([item(queue="gone", priority=5)])
+        [d] = await worker.fetch(["gone"], 1, wait=2.0)
+        assert d.job_id == again.job_id
+        assert await worker.settle([Settle(d, "ack")]) == [True]
+        assert first.created  # (its message went with the queue: nothing can bring it back)
+    finally:
+        await worker.close()
+        await sender.close()

@@ -416,8 +416,20 @@ class RabbitMQBroker(RedisBroker):
                     found = await pipe.execute()
             for q, members in zip(queues, found, strict=True):
                 classes[q].update(int(c) for c in members)
-        wanted = [self._link.name(q, p) for p in range(9, -1, -1) for q in queues if p in classes[q]]
-        started = set(await self._inbox.consume(wanted, PREFETCH_PER_SLOT * self._limit))
+        pairs = [(q, p) for p in range(9, -1, -1) for q in queues if p in classes[q]]
+        wanted = [self._link.name(q, p) for q, p in pairs]
+        try:
+            started = set(await self._inbox.consume(wanted, PREFETCH_PER_SLOT * self._limit))
+        except BrokerError as exc:
+            if not isinstance(exc.__cause__, aio_pika.exceptions.ChannelNotFoundEntity):
+                raise
+            # A class queue was deleted behind our back (with its messages: an operator, a
+            # policy): declare the classes again, or this worker would fail every fetch until a
+            # send declared it.
+            log.warning("RabbitMQ: %s; declaring the queues' classes again", exc.__cause__)
+            for q, p in pairs:
+                await self._link.declare_again(q, p)
+            started = set(await self._inbox.consume(wanted, PREFETCH_PER_SLOT * self._limit))
         if due is not None and due <= 0:
             await self._sweeper.recover(0.0)
         # A point in time: each new consumer's first pushes, and the classes where the state store

@@ -227,6 +227,11 @@ class AmqpLink:
                 )
             log.warning("RabbitMQ returned a message to %r as unroutable: declaring again", routing_key)
 
+    async def declare_again(self, queue: str, prio: int) -> str:
+        """Declare a class that was deleted behind our back (an operator, a policy)."""
+        self._undeclare(self.name(queue, prio))
+        return await self.declare(queue, prio)
+
     def _undeclare(self, *names: str | None) -> None:
         for name in names:
             if name is not None:
