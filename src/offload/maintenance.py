@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from offload.brokers.base import Broker
+from offload.cancellation import raise_if_cancel_requested
 
 log = logging.getLogger("offload.worker")
 
@@ -32,4 +33,5 @@ async def run_periodically(chore: Maintenance, broker: Broker) -> None:
             await chore.run(broker)
         except Exception:
             log.exception("%s failed; trying again in %.0fs", chore.name, chore.every)
+        raise_if_cancel_requested()  # a cancel the broker's client swallowed (offload.cancellation)
         await asyncio.sleep(chore.every)

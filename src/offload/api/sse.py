@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from offload.api.problems import encode_json
 from offload.api.schema import JobView
+from offload.cancellation import stop_tasks
 from offload.job import JobInfo
 
 log = logging.getLogger("offload.api")
@@ -62,10 +63,8 @@ async def until_done_or_disconnected(work: asyncio.Future[Any], receive: Receive
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in (work, watcher):
-            t.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(work, watcher, return_exceptions=True)
+            await stop_tasks([work, watcher])  # cancelled again if a client swallowed the cancel
 
 
 def change_key(info: JobInfo) -> tuple[str, int, int]:

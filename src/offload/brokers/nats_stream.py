@@ -61,6 +61,7 @@ from nats.js import errors as js_errors
 from offload.brokers import nats_keys as k
 from offload.brokers.base import Delivery
 from offload.brokers.nats_kv import FINAL, STALE_AFTER, NatsKv, keep_claims
+from offload.cancellation import raise_if_cancel_requested, stop_tasks
 from offload.errors import BrokerError
 from offload.job import JobState
 
@@ -133,9 +134,8 @@ class NatsStream(NatsKv):
         # Held messages are left un-acked: JetStream redelivers them after ack_wait, and their
         # jobs are taken over once their leases have run out (as after a crash).
         if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._keeper
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop_tasks([self._keeper])  # cancelled again if nats-py swallowed the cancel
             self._keeper = None
         self._held.clear()
         self._exhausted_at.clear()
@@ -475,6 +475,7 @@ class NatsStream(NatsKv):
                         await self._exhausted(seq, deliveries)
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 log.debug("in-progress acks failed: %s", exc)
+            raise_if_cancel_requested()  # a cancel nats-py swallowed (offload.cancellation)
 
     async def _hand_back_expired(self, qkeys: list[str], now: float) -> None:
         """Nak the held messages of these queues whose lease ran out here (the worker lost it), so

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from offload.brokers.base import Broker, Delivery
+from offload.cancellation import raise_if_cancel_requested
 
 log = logging.getLogger("offload.worker")
 
@@ -32,6 +33,7 @@ class LeaseKeeper:
         while True:
             await asyncio.sleep(TICK)
             await self.renew_due()
+            raise_if_cancel_requested()  # a cancel the broker's client swallowed
 
     async def renew_due(self) -> None:
         now = time.monotonic()

@@ -24,6 +24,7 @@ import msgspec
 
 from offload.app import App
 from offload.brokers.base import Broker, Delivery, Settle
+from offload.cancellation import stop_tasks
 from offload.errors import EncodeError, Retry
 from offload.maintenance import Maintenance, run_periodically
 from offload.message import Message, decode
@@ -127,10 +128,8 @@ class Worker:
             await self._fetch_loop(broker)
             await self._shutdown()
         finally:
-            for helper in helpers:
-                helper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*helpers, return_exceptions=True)
+                await stop_tasks(helpers)  # cancelled again if a library swallowed the cancel
             await self._settler.drain()
             self._executors.close()
         log.info("worker stopped after %d job(s)", self.processed)
