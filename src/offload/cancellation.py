@@ -5,7 +5,8 @@ the inner awaitable finishes in the same loop turn as the cancel (rewritten in 3
 broker clients (redis-py, nats-py, aiormq) call it inside. A task whose CancelledError was
 swallowed that way carries on to its next await as if nothing happened; a worker waiting for it to
 stop (a maintenance chore, say, next due in a minute) waited forever. The request itself is not
-lost: `Task.cancelling()` still counts it, which is what `cancel_requested` reads.
+lost: `Task.cancelling()` still counts it, which is what `cancel_requested` reads. (offload's own
+waits use `asyncio.timeout`, which keeps the cancel.)
 """
 
 from __future__ import annotations

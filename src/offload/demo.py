@@ -102,7 +102,8 @@ async def produce(stop: asyncio.Event, say: Any = print) -> dict[str, int]:
         watcher.add_done_callback(watchers.discard)
         i += 1
         try:
-            await asyncio.wait_for(stop.wait(), 0.5)
+            async with asyncio.timeout(0.5):
+                await stop.wait()
         except TimeoutError:
             pass
     if watchers:

@@ -280,7 +280,8 @@ class MemoryBroker(Broker):
                 if nxt is not None:
                     remaining = min(remaining, max(0.0, nxt - time.time()) + 0.001)
                 try:
-                    await asyncio.wait_for(event.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await event.wait()
                 except TimeoutError:
                     pass
         finally:

@@ -215,7 +215,8 @@ class NatsBroker(NatsStream, Broker):
                     if due is not None:
                         pause = min(pause, max(0.0, due - time.time()) + 0.001)
                 try:
-                    await asyncio.wait_for(waiter[1].wait(), pause)
+                    async with asyncio.timeout(pause):
+                        await waiter[1].wait()
                     force = False
                 except TimeoutError:
                     force = True  # nobody told us of new work: look at leases and etas again

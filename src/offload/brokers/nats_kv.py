@@ -272,7 +272,8 @@ class NatsKv:
                 total.append((delivered or 0) + (info.num_pending or 0))
                 if seen >= total[0]:
                     done.set()
-                await asyncio.wait_for(done.wait(), SCAN_TIMEOUT)
+                async with asyncio.timeout(SCAN_TIMEOUT):
+                    await done.wait()
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()

@@ -305,7 +305,8 @@ class PostgresBroker(Broker):
                 if next_due is not None:
                     pause = min(pause, max(0.0, next_due) + 0.001)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), pause)
+                    async with asyncio.timeout(pause):
+                        await event.wait()
         finally:
             if event is not None:
                 self._waiters.pop(event, None)

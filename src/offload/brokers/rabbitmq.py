@@ -369,7 +369,8 @@ class RabbitMQBroker(RedisBroker):
             if self._inbox.held(names) == 0:
                 self._inbox.arrived.clear()
                 try:
-                    await asyncio.wait_for(self._inbox.arrived.wait(), pause)
+                    async with asyncio.timeout(pause):
+                        await self._inbox.arrived.wait()
                 except TimeoutError:
                     look = True
 

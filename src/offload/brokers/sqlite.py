@@ -232,7 +232,8 @@ class SqliteBroker(Broker):
                 pause = min(pause, max(0.0, next_due - time.time()) + 0.0005)
             assert self._listener is not None
             try:
-                await asyncio.wait_for(self._listener.event.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await self._listener.event.wait()
             except TimeoutError:
                 pass
 
