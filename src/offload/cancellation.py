@@ -41,9 +41,12 @@ async def stop_tasks(
 ) -> set[asyncio.Future[Any]]:
     """Cancel the tasks and wait for them to end, cancelling again each that outlives a cancel.
 
-    Returns those still running after `give_up_after` seconds (logged; the caller moves on).
+    Their outcomes are consumed, as `gather(..., return_exceptions=True)` does (no "exception was
+    never retrieved"). Returns those still running after `give_up_after` seconds (logged; the
+    caller moves on).
     """
-    pending = {t for t in tasks if not t.done()}
+    given = list(tasks)
+    pending = {t for t in given if not t.done()}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + give_up_after
     while pending:
@@ -55,6 +58,9 @@ async def stop_tasks(
             log.warning("task(s) still running %.0fs after being cancelled: %s", give_up_after, names)
             break
         _, pending = await asyncio.wait(pending, timeout=min(again_after, remaining))
+    for task in given:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the caller looks at it if it cares
     return pending
 
 
