@@ -170,6 +170,21 @@ class Harness:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
 
+    def dump_running(self) -> str:
+        """Each spawned process still running, asked for its stacks (SIGUSR1: workers dump them,
+        a supervisor passes it on), with the end of its stderr."""
+        running = [p for p in self._processes if p.poll() is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGUSR1)
+        if running:
+            time.sleep(3)  # a supervisor passes it on to one worker a second
+        return "\n".join(
+            f"--- pid {p.pid} ({' '.join(map(str, p.args[1:3]))}) still running; stderr:\n"
+            f"{self.stderr_of(p)[-20000:]}"
+            for p in running
+        )
+
     def close(self) -> None:
         for process in self._processes:
             self._kill_tree(process)
