@@ -329,3 +329,60 @@ def _burst_through_a_failover(harness: Harness, cluster: Cluster, wait: bool) ->
         leases = client.zrange("failover:{failover}:leases", 0, -1)
         states = [client.hget(f"failover:{{failover}}:job:{i}", "state") for i in leases]
         print(f"NOTE: stats show running={stats['running']} after every job succeeded; leases left: {states}")
+
+
+@pytest.mark.timeout(120)
+def test_rabbitmq_with_its_state_store_behind_a_sentinel_url(tmp_path: Path, cluster: Cluster) -> None:
+    """The RabbitMQ broker's records live in Redis: a Sentinel-managed primary works there too."""
+    import asyncio
+    import os
+    import socket
+    import uuid
+    from urllib.parse import urlencode, urlsplit
+
+    import acceptance_app
+
+    amqp = os.environ.get("OFFLOAD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    parts = urlsplit(amqp)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2).close()
+    except OSError as exc:
+        unavailable(f"RabbitMQ at {amqp}: {exc}", "the RabbitMQ-with-Sentinel test")
+    prefix = f"offload-sentinel-{uuid.uuid4().hex[:12]}"
+    url = f"{amqp}?{urlencode({'state': cluster.url(''), 'prefix': prefix})}"
+    harness = Harness(tmp_path, url)
+    sender = App(url)
+    try:
+        [job_id] = [j.id for j in sender.send_many([acceptance_app.quick.message(11)])]
+        worker = harness.spawn("worker", APP, "--concurrency", "4", "--burst")
+        assert harness.wait_exit(worker, 60) == 0
+        info = harness.inspect(job_id)
+        assert (info["state"], info["result"], info["deliveries"]) == ("succeeded", 11, 1), info
+        replica = _client(cluster.replica.port)
+        wait_until(  # the records are on the primary the Sentinel names, and replicated
+            lambda: any(k.endswith(f"job:{job_id}") for k in replica.keys("failover:*")),
+            10,
+            "the job's record on the replica",
+        )
+    finally:
+        sender.close()
+        harness.close()
+        asyncio.run(_delete_amqp_names(amqp, prefix, cluster.primary.port))
+
+
+async def _delete_amqp_names(amqp: str, prefix: str, state_port: int) -> None:
+    import aio_pika
+
+    from offload.brokers.rabbitmq import AMQP_NAMES
+    from offload.brokers.redis_keys import keyspace
+
+    names = _client(state_port).smembers(keyspace("failover:") + AMQP_NAMES)
+    connection = await aio_pika.connect(amqp, timeout=10)
+    try:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+        for exchange in (f"{prefix}.work", f"{prefix}.delay"):
+            await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()

@@ -32,6 +32,9 @@ class RabbitMQOptions:
     republish_after: float  # seconds before a sweeper re-publishes a record whose publish never confirmed
 
 
+STATE_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+
+
 def parse_rabbitmq_url(url: str) -> RabbitMQOptions:
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
@@ -58,8 +61,11 @@ def parse_rabbitmq_url(url: str) -> RabbitMQOptions:
     if "heartbeat" not in {name for name, _ in rest}:
         rest.append(("heartbeat", str(DEFAULT_HEARTBEAT)))
     state_parts = urlsplit(state)
-    if state_parts.scheme not in ("redis", "rediss"):
-        raise ConfigurationError(f"state={state!r}: the RabbitMQ broker's state store must be a Redis URL")
+    if state_parts.scheme not in STATE_SCHEMES:
+        raise ConfigurationError(
+            f"state={state!r}: the RabbitMQ broker's state store must be a Redis URL "
+            "(redis://, rediss://, or redis+sentinel:// for a Sentinel-managed primary)"
+        )
     if "prefix" not in dict(parse_qsl(state_parts.query)):
         query = "&".join(q for q in (state_parts.query, urlencode({"prefix": f"{prefix}:"})) if q)
         state = urlunsplit(state_parts._replace(query=query))

@@ -1,0 +1,30 @@
+"""The RabbitMQ URL: its own options, and the Redis state store it names (Sentinel included)."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import pytest
+
+from offload.brokers.rabbitmq_url import parse_rabbitmq_url
+from offload.errors import ConfigurationError
+
+
+def test_state_store_defaults_its_key_prefix_to_the_brokers() -> None:
+    options = parse_rabbitmq_url("amqp://guest:guest@mq:5672/?state=redis://cache:6379/2&prefix=shop")
+    assert options.state_url == "redis://cache:6379/2?prefix=shop%3A"
+    assert options.prefix == "shop"
+
+
+def test_state_store_may_be_a_sentinel_url() -> None:
+    state = "redis+sentinel://s1:26379,s2:26379/mymaster/0?wait_replicas=1"
+    options = parse_rabbitmq_url(f"amqp://mq/?state={quote(state, safe='')}")
+    assert options.state_url.startswith(
+        "redis+sentinel://s1:26379,s2:26379/mymaster/0?wait_replicas=1&prefix="
+    )
+
+
+@pytest.mark.parametrize("state", ["postgresql://db/app", "sqlite:///x.db", "nats://n:4222"])
+def test_a_state_store_that_is_not_redis_is_refused_with_the_schemes_to_use(state: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"redis\+sentinel://"):
+        parse_rabbitmq_url(f"amqp://mq/?state={quote(state, safe='')}")
