@@ -26,9 +26,12 @@ from urllib.parse import urlsplit
 import psutil
 
 APPS = Path(__file__).resolve().parent / "apps"
-if str(APPS) not in sys.path:
-    sys.path.insert(0, str(APPS))
+TESTS = Path(__file__).resolve().parents[1]  # for the contract suite's store helpers
+for _path in (APPS, TESTS):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
+from contract.rabbitmq_store import delete_rabbitmq_names  # noqa: E402, F401 - for the fault tests
 from offload import App, BrokerError  # noqa: E402
 
 APP = "acceptance_app:app"
@@ -308,6 +311,7 @@ def sigkill_a_worker_mid_run(harness: Harness, n: int, broker: str) -> None:
 
 
 # -- shared pieces of the broker fault tests ------------------------------------------------------
+
 
 FAULT_APP = "redis_fault_app:app"  # the acceptance app plus `stale` (about 1 s, returns its pid)
 

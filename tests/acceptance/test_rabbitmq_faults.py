@@ -40,6 +40,7 @@ from acceptance_harness import (
     APP,
     Harness,
     TcpProxy,
+    delete_rabbitmq_names,
     free_port,
     late_ack_of_a_cut_off_worker,
     restart_during_a_burst,
@@ -71,7 +72,6 @@ def _url(amqp: str, prefix: str, **options: str) -> str:
 
 def _cleanup(amqp: str, prefix: str) -> None:
     """Delete the test's queues and exchanges (named in its state store), then its Redis keys."""
-    import aio_pika
     import redis
 
     from offload.brokers.rabbitmq import AMQP_NAMES
@@ -86,18 +86,7 @@ def _cleanup(amqp: str, prefix: str) -> None:
     finally:
         client.close()
 
-    async def delete() -> None:
-        connection = await aio_pika.connect(amqp, timeout=10)
-        try:
-            channel = await connection.channel()
-            for name in names:
-                await channel.queue_delete(name)
-            for exchange in (f"{prefix}.work", f"{prefix}.delay"):
-                await channel.exchange_delete(exchange)
-        finally:
-            await connection.close()
-
-    asyncio.run(delete())
+    asyncio.run(delete_rabbitmq_names(amqp, prefix, names))
 
 
 @pytest.fixture

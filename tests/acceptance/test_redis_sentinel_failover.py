@@ -31,6 +31,7 @@ from acceptance_harness import (
     APP,
     Harness,
     ServerProcess,
+    delete_rabbitmq_names,
     free_port,
     send_until_accepted,
     unavailable,
@@ -367,22 +368,11 @@ def test_rabbitmq_with_its_state_store_behind_a_sentinel_url(tmp_path: Path, clu
     finally:
         sender.close()
         harness.close()
-        asyncio.run(_delete_amqp_names(amqp, prefix, cluster.primary.port))
+        asyncio.run(delete_rabbitmq_names(amqp, prefix, _amqp_names(cluster.primary.port)))
 
 
-async def _delete_amqp_names(amqp: str, prefix: str, state_port: int) -> None:
-    import aio_pika
-
+def _amqp_names(state_port: int) -> set[str]:
     from offload.brokers.rabbitmq import AMQP_NAMES
     from offload.brokers.redis_keys import keyspace
 
-    names = _client(state_port).smembers(keyspace("failover:") + AMQP_NAMES)
-    connection = await aio_pika.connect(amqp, timeout=10)
-    try:
-        channel = await connection.channel()
-        for name in names:
-            await channel.queue_delete(name)
-        for exchange in (f"{prefix}.work", f"{prefix}.delay"):
-            await channel.exchange_delete(exchange)
-    finally:
-        await connection.close()
+    return set(_client(state_port).smembers(keyspace("failover:") + AMQP_NAMES))

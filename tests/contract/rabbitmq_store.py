@@ -10,6 +10,7 @@ import asyncio
 import os
 import socket
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -47,7 +48,6 @@ def rabbitmq_url(tmp_path: Path) -> str:
 
 def cleanup(url: str) -> None:
     """Delete the test's queues and exchanges (named in its state store), then its Redis keys."""
-    import aio_pika
     import redis
 
     from offload.brokers.rabbitmq import AMQP_NAMES
@@ -60,16 +60,20 @@ def cleanup(url: str) -> None:
     finally:
         client.close()
 
-    async def delete() -> None:
-        connection = await aio_pika.connect(AMQP_URL)
-        try:
-            channel = await connection.channel()
-            for name in names:
-                await channel.queue_delete(name)
-            for exchange in (f"{prefix}.work", f"{prefix}.delay"):
-                await channel.exchange_delete(exchange)
-        finally:
-            await connection.close()
-
-    asyncio.run(delete())
+    asyncio.run(delete_rabbitmq_names(AMQP_URL, prefix, names))
     redis_store.cleanup(f"{redis_store.REDIS_URL}?prefix={prefix}:")
+
+
+async def delete_rabbitmq_names(amqp: str, prefix: str, queues: Iterable[str]) -> None:
+    """Delete a RabbitMQ broker's queues (as named in its state store) and its two exchanges."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp, timeout=10)
+    try:
+        channel = await connection.channel()
+        for name in queues:
+            await channel.queue_delete(name)
+        for exchange in (f"{prefix}.work", f"{prefix}.delay"):
+            await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
