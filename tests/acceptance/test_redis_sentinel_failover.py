@@ -289,14 +289,24 @@ def _burst_through_a_failover(harness: Harness, cluster: Cluster, wait: bool) ->
     expected = set(range(next_key)) - set(lost)
     wait_until(lambda: expected <= set(harness.tally("end", "quick")), 120, "every job not lost to run")
     all_ids = {**acked, **{int(m.args[0]): m.id for ms in failed for m in ms}}
-    wait_until(
-        lambda: all(
-            i is not None and i.state.value == "succeeded"
-            for i in _jobs(harness, [all_ids[k] for k in sorted(expected)])
-        ),
-        60,
-        "every job not lost to be acked",
-    )
+    keys = sorted(expected)
+    unfinished: list[str] = []
+
+    def all_acked() -> bool:
+        infos = _jobs(harness, [all_ids[k] for k in keys])
+        unfinished[:] = [
+            f"{k}: {'no record' if i is None else f'{i.state.value}, {i.deliveries} deliveries'}"
+            for k, i in zip(keys, infos, strict=True)
+            if i is None or i.state.value != "succeeded"
+        ]
+        return not unfinished
+
+    try:
+        wait_until(all_acked, 60, "every job not lost to be acked")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}: {len(unfinished)} not succeeded, e.g. {unfinished[:10]}\n{harness.dump_running()}"
+        ) from None
     assert worker.poll() is None, f"the worker exited: {harness.stderr_of(worker)[-3000:]}"
     # It went on consuming from the new primary: it ran jobs sent only after the failover.
     late = [k for k in range(next_key - batch * acked_after_failover, next_key) if k in acked]
