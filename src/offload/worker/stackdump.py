@@ -26,11 +26,6 @@ def install(loop: asyncio.AbstractEventLoop) -> None:
     faulthandler.register(SIGNAL, file=sys.stderr, all_threads=True, chain=True)
 
 
-def uninstall(loop: asyncio.AbstractEventLoop) -> None:
-    faulthandler.unregister(SIGNAL)
-    loop.remove_signal_handler(SIGNAL)
-
-
 def dump_tasks(out: TextIO | None = None) -> None:
     """Every task of the running loop, with the chain of coroutines it is suspended in."""
     out = out or sys.stderr
