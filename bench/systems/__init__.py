@@ -40,6 +40,7 @@ SYSTEMS: dict[str, System] = {
         PgqueuerSystem(),
         OffloadSystem(RABBITMQ),
         DramatiqSystem(RABBITMQ),
+        DramatiqSystem(RABBITMQ, confirms=True),
         CelerySystem(RABBITMQ),
         OffloadSystem(NATS),
     )

@@ -34,12 +34,17 @@ class DramatiqProducer(Producer):
 
 
 class DramatiqSystem(System):
-    def __init__(self, broker: str) -> None:
+    def __init__(self, broker: str, confirms: bool = False) -> None:
+        """confirms (RabbitMQ only): publisher confirms, so that a send returns once RabbitMQ has
+        the message, as offload's do; the comparison on the same promise."""
         self.broker = broker
-        self.name = f"dramatiq-{broker}"
+        self.confirms = confirms
+        self.name = f"dramatiq-{broker}-confirms" if confirms else f"dramatiq-{broker}"
         self.group = broker
         self.servers = (broker,)
         worker = "worker: one `dramatiq -p N -t T` (a parent process forking N workers)"
+        if confirms and broker != RABBITMQ:
+            raise ValueError("publisher confirms are RabbitMQ's")
         if broker == REDIS:
             self.notes = (
                 "RedisBroker, default middleware, no result backend; enqueue-bulk is a loop of send "
@@ -48,16 +53,25 @@ class DramatiqSystem(System):
         elif broker == RABBITMQ:
             self.requires = ("pika",)
             self.amqp_queues = ("default", "default.DQ", "default.XQ")
+            if confirms:
+                sends = "publisher confirms (confirm_delivery=True: a send waits for RabbitMQ's confirm)"
+            else:
+                sends = (
+                    "no publisher confirms (the default, confirm_delivery=False: a send returns "
+                    "before RabbitMQ has the message)"
+                )
             self.notes = (
-                "RabbitmqBroker defaults: classic durable queues, persistent messages, no publisher "
-                "confirms (confirm_delivery=False: a send returns before RabbitMQ has the message), "
+                f"RabbitmqBroker: classic durable queues, persistent messages, {sends}, "
                 f"prefetch 2 x threads; enqueue-bulk is a loop of send; {worker}"
             )
         else:
             raise ValueError(broker)
 
     def env(self, settings: Settings) -> dict[str, str]:
-        return {"BENCH_DRAMATIQ_BROKER": self.broker}
+        return {
+            "BENCH_DRAMATIQ_BROKER": self.broker,
+            "BENCH_DRAMATIQ_CONFIRMS": "1" if self.confirms else "0",
+        }
 
     def worker_commands(self, settings: Settings, processes: int) -> list[list[str]]:
         return [
