@@ -1,13 +1,16 @@
-"""The RabbitMQ URL: its own options, and the Redis state store it names (Sentinel included)."""
+"""The RabbitMQ URL: its own options, the Redis state store it names (Sentinel included), and
+the extra it needs."""
 
 from __future__ import annotations
 
+import sys
 from urllib.parse import quote
 
 import pytest
 
+from offload.brokers import broker_from_url
 from offload.brokers.rabbitmq_url import parse_rabbitmq_url
-from offload.errors import ConfigurationError
+from offload.errors import ConfigurationError, MissingExtraError
 
 
 def test_state_store_defaults_its_key_prefix_to_the_brokers() -> None:
@@ -28,3 +31,13 @@ def test_state_store_may_be_a_sentinel_url() -> None:
 def test_a_state_store_that_is_not_redis_is_refused_with_the_schemes_to_use(state: str) -> None:
     with pytest.raises(ConfigurationError, match=r"redis\+sentinel://"):
         parse_rabbitmq_url(f"amqp://mq/?state={quote(state, safe='')}")
+
+
+@pytest.mark.parametrize("missing", ["aio_pika", "redis"])
+def test_missing_client_library_names_the_rabbitmq_extra(
+    missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # amqp:// needs aio-pika for the messages and redis-py for the records; the extra has both.
+    monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` fail
+    with pytest.raises(MissingExtraError, match=r"pip install 'offload\[rabbitmq\]'"):
+        broker_from_url("amqp://guest:guest@127.0.0.1:5672/")

@@ -15,24 +15,24 @@ __all__ = ["Broker", "Delivery", "Enqueued", "QueueStats", "Settle", "broker_fro
 class _Kind(NamedTuple):
     module: str
     cls: str
-    client: str | None  # the client library an optional extra installs
+    clients: tuple[str, ...]  # the client libraries its optional extra installs
     extra: str | None
 
 
 # amqp:// is RabbitMQ carrying the jobs with a Redis state store keeping their records
-# (docs/brokers/rabbitmq.md); it needs both the rabbitmq extra (aio-pika) and Redis.
+# (docs/brokers/rabbitmq.md): the rabbitmq extra installs both clients, aio-pika and redis-py.
 SCHEMES: dict[str, _Kind] = {
-    "memory": _Kind("offload.brokers.memory", "MemoryBroker", None, None),
-    "sqlite": _Kind("offload.brokers.sqlite", "SqliteBroker", None, None),
-    "redis": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
-    "rediss": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
-    "redis+sentinel": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
-    "rediss+sentinel": _Kind("offload.brokers.redis", "RedisBroker", "redis", "redis"),
-    "postgresql": _Kind("offload.brokers.postgres", "PostgresBroker", "asyncpg", "postgres"),
-    "postgres": _Kind("offload.brokers.postgres", "PostgresBroker", "asyncpg", "postgres"),
-    "nats": _Kind("offload.brokers.nats", "NatsBroker", "nats", "nats"),
-    "amqp": _Kind("offload.brokers.rabbitmq", "RabbitMQBroker", "aio_pika", "rabbitmq"),
-    "amqps": _Kind("offload.brokers.rabbitmq", "RabbitMQBroker", "aio_pika", "rabbitmq"),
+    "memory": _Kind("offload.brokers.memory", "MemoryBroker", (), None),
+    "sqlite": _Kind("offload.brokers.sqlite", "SqliteBroker", (), None),
+    "redis": _Kind("offload.brokers.redis", "RedisBroker", ("redis",), "redis"),
+    "rediss": _Kind("offload.brokers.redis", "RedisBroker", ("redis",), "redis"),
+    "redis+sentinel": _Kind("offload.brokers.redis", "RedisBroker", ("redis",), "redis"),
+    "rediss+sentinel": _Kind("offload.brokers.redis", "RedisBroker", ("redis",), "redis"),
+    "postgresql": _Kind("offload.brokers.postgres", "PostgresBroker", ("asyncpg",), "postgres"),
+    "postgres": _Kind("offload.brokers.postgres", "PostgresBroker", ("asyncpg",), "postgres"),
+    "nats": _Kind("offload.brokers.nats", "NatsBroker", ("nats",), "nats"),
+    "amqp": _Kind("offload.brokers.rabbitmq", "RabbitMQBroker", ("aio_pika", "redis"), "rabbitmq"),
+    "amqps": _Kind("offload.brokers.rabbitmq", "RabbitMQBroker", ("aio_pika", "redis"), "rabbitmq"),
 }
 
 
@@ -45,9 +45,9 @@ def broker_from_url(url: str) -> Broker:
             f"unknown broker URL {url!r}: use sqlite:///offload.db (the embedded default), "
             "redis://host:6379/0, postgresql://user@host/db, nats://host:4222, or memory:// (tests)"
         )
-    if kind.client is not None:
+    for client in kind.clients:
         try:
-            importlib.import_module(kind.client)
+            importlib.import_module(client)
         except ImportError:
             raise MissingExtraError(scheme, kind.extra or scheme) from None
     broker: Broker = getattr(importlib.import_module(kind.module), kind.cls)(url)
