@@ -107,9 +107,22 @@ class RedisBroker(Broker):
                 "OFFLOAD_BROKER_URL"
             ) from exc
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-            raise BrokerError(
-                f"cannot reach Redis at {where}: {exc}; is it running? check OFFLOAD_BROKER_URL"
-            ) from exc
+            text = str(exc)
+            if "SSL" in text:  # the server is there; the TLS handshake failed
+                hint = (
+                    "check the TLS options in OFFLOAD_BROKER_URL: ssl_ca_certs (the CA that signed "
+                    "the server's certificate), ssl_certfile and ssl_keyfile (a client certificate, "
+                    "if the server asks for one)"
+                )
+            elif "reset by peer" in text and self.target.client_url.startswith("rediss:"):
+                # Under TLS 1.3 a server that refuses the client's certificate may just reset.
+                hint = (
+                    "is it running? check OFFLOAD_BROKER_URL; if the server asks for a client "
+                    "certificate, set ssl_certfile and ssl_keyfile"
+                )
+            else:
+                hint = "is it running? check OFFLOAD_BROKER_URL"
+            raise BrokerError(f"cannot reach Redis at {where}: {exc}; {hint}") from exc
         except rex.ResponseError as exc:
             text = str(exc)
             if text.startswith("OOM"):

@@ -25,7 +25,13 @@ DEFAULT_PREFIX = "offload:"
 SENTINEL_PORT = 26379
 SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 _OPTIONS = {"prefix", "require_noeviction", "wait_replicas", "wait_timeout"}
+# TLS settings redis-py takes as strings but does not list among the URL options it parses: a
+# private CA, a client certificate (Redis asks for one unless `tls-auth-clients no`), how strictly
+# to check the server's certificate. rediss:// URLs only: a plain connection would refuse them.
+_TLS_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_cert_reqs"}
+_CERT_REQS = ("none", "optional", "required")
 _SENTINEL_OPTIONS = {"service_name", "sentinel_username", "sentinel_password"}
+_SECRET_OPTIONS = {"sentinel_password", "ssl_password"}  # hidden in messages
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -48,14 +54,15 @@ class RedisUrl:
 
 
 def redact(url: str) -> str:
-    """The URL with its passwords hidden (the user's and a sentinel_password), for messages."""
+    """The URL with its passwords hidden (the user's, a sentinel_password, the client key's
+    ssl_password), for messages."""
     parts = urlsplit(url)
     user, at, hosts = parts.netloc.rpartition("@")
     if at and ":" in user:
         parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{hosts}")
-    if "sentinel_password=" in parts.query:
+    if "password=" in parts.query:
         query = parse_qsl(parts.query, keep_blank_values=True)
-        hidden = [(k, "***" if k == "sentinel_password" else v) for k, v in query]
+        hidden = [(k, "***" if k in _SECRET_OPTIONS else v) for k, v in query]
         parts = parts._replace(query=urlencode(hidden, safe="*:"))
     return urlunsplit(parts)
 
@@ -85,11 +92,17 @@ def parse_redis_url(url: str) -> RedisUrl:
             wait_timeout = _seconds(name, value, shown)
         elif sentinel and name in _SENTINEL_OPTIONS:
             extra[name] = value
+        elif name in _TLS_OPTIONS:
+            _check_tls_option(parts.scheme, name, value, shown)
+            rest.append((name, value))
         elif name in URL_QUERY_ARGUMENT_PARSERS:
             rest.append((name, value))
         else:
             known = sorted(
-                _OPTIONS | set(URL_QUERY_ARGUMENT_PARSERS) | (_SENTINEL_OPTIONS if sentinel else set())
+                _OPTIONS
+                | _TLS_OPTIONS
+                | set(URL_QUERY_ARGUMENT_PARSERS)
+                | (_SENTINEL_OPTIONS if sentinel else set())
             )
             raise ConfigurationError(f"unknown Redis URL option {name!r} in {shown!r}; known: {known}")
     if not prefix:
@@ -145,6 +158,16 @@ def _with_sentinels(base: RedisUrl, url: str, shown: str, extra: dict[str, str])
         sentinel_username=extra.get("sentinel_username"),
         sentinel_password=extra.get("sentinel_password"),
     )
+
+
+def _check_tls_option(scheme: str, name: str, value: str, shown: str) -> None:
+    if not scheme.startswith("rediss"):
+        tls = scheme.replace("redis", "rediss", 1)
+        raise ConfigurationError(f"{name} in {shown!r} is a TLS setting: use a {tls}:// URL")
+    if name == "ssl_cert_reqs" and value.lower() not in _CERT_REQS:
+        raise ConfigurationError(f"ssl_cert_reqs={value!r} in {shown!r}: use one of {', '.join(_CERT_REQS)}")
+    if not value:
+        raise ConfigurationError(f"empty {name} in {shown!r}: give a value or leave the option out")
 
 
 def _host_port(text: str, shown: str) -> tuple[str, int]:
