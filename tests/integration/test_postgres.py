@@ -317,6 +317,13 @@ async def test_unreachable_server_and_missing_database_say_what_to_do() -> None:
     assert "\n" not in str(caught.value)
 
 
+async def test_tls_asked_of_a_server_without_it_names_the_tls_options(url: str, conn: Any) -> None:
+    if await conn.fetchval("SHOW ssl") == "on":
+        pytest.skip("the test server has TLS on: sslmode=require would succeed")
+    with pytest.raises(BrokerError, match=r"TLS failed .*check sslmode, sslrootcert"):
+        await broker_from_url(url + "&sslmode=require").connect()
+
+
 def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "asyncpg", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'offload\[postgres\]'"):

@@ -148,6 +148,12 @@ def explain(exc: BaseException, options: PostgresOptions) -> str:
         )
     if state == "57P03":
         return f"PostgreSQL at {where} is not accepting connections yet ({detail}); retry once it is up"
+    if "SSL" in detail:  # the server is there; the TLS handshake or upgrade failed
+        return (
+            f"PostgreSQL at {where}: TLS failed ({detail}): check sslmode, sslrootcert (the CA that "
+            "signed the server's certificate), sslcert and sslkey (a client certificate) in "
+            "OFFLOAD_BROKER_URL"
+        )
     if isinstance(exc, OSError) or state.startswith(("08", "57P")) or isinstance(exc, asyncpg.InterfaceError):
         return (
             f"cannot reach PostgreSQL at {where} ({detail}): start the server or fix the host and "

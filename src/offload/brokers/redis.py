@@ -56,6 +56,7 @@ from offload.brokers.redis_records import (
 from offload.brokers.redis_records import _enqueue_meta as _enqueue_meta  # re-exported: rabbitmq.py
 from offload.brokers.redis_records import _enqueued as _enqueued  # imports them from here
 from offload.brokers.redis_url import parse_redis_url, redact
+from offload.brokers.tls_errors import tls_hint
 from offload.errors import BrokerError, ConfigurationError, QueueFull
 from offload.job import JobInfo
 from offload.message import Message
@@ -108,12 +109,8 @@ class RedisBroker(Broker):
             ) from exc
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
             text = str(exc)
-            if "SSL" in text:  # the server is there; the TLS handshake failed
-                hint = (
-                    "check the TLS options in OFFLOAD_BROKER_URL: ssl_ca_certs (the CA that signed "
-                    "the server's certificate), ssl_certfile and ssl_keyfile (a client certificate, "
-                    "if the server asks for one)"
-                )
+            if (tls := tls_hint(exc)) is not None:
+                hint = tls
             elif "reset by peer" in text and self.target.client_url.startswith("rediss:"):
                 # Under TLS 1.3 a server that refuses the client's certificate may just reset.
                 hint = (
