@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import pytest
 
+from contract.tls_certs import make_certificates
 from offload import App, BrokerError, ConfigurationError
 from offload.brokers.redis_url import parse_redis_url
 from offload.worker import Worker
@@ -86,30 +87,11 @@ def _missing(what: str) -> None:
     pytest.skip(what)
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_certificates(where: Path) -> None:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by the CA."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=offload test CA",
-             "-keyout", "ca.key", "-out", "ca.crt", cwd=where)  # fmt: skip
-    for name, extension in (
-        ("server", "subjectAltName=IP:127.0.0.1"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=offload test {name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=where)  # fmt: skip
-        (where / f"{name}.ext").write_text(extension + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=where)  # fmt: skip
-
-
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[TlsServer]:
     if shutil.which("redis-server") is None or shutil.which("openssl") is None:
         _missing("redis-server or openssl is not installed")
-    _make_certificates(tmp_path)
+    make_certificates(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

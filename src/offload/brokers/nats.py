@@ -36,6 +36,7 @@ from offload.brokers import nats_keys as k
 from offload.brokers.base import Broker, Delivery, Enqueued, QueueStats, Settle, lease_seconds
 from offload.brokers.nats_kv import MAX_WAIT, REUSE_WITHIN, Entry, keep_claims
 from offload.brokers.nats_stream import NatsStream, ReadyStreamFull
+from offload.brokers.nats_tls import tls_context
 from offload.errors import QueueFull
 from offload.job import JobInfo, JobState
 from offload.message import Message
@@ -537,7 +538,9 @@ async def delete_bucket(url: str) -> None:
     async def quiet(exc: Exception) -> None:
         pass
 
-    nc = await nats.connect(servers=servers, connect_timeout=3, max_reconnect_attempts=1, error_cb=quiet)
+    nc = await nats.connect(
+        servers=servers, tls=tls_context(url), connect_timeout=3, max_reconnect_attempts=1, error_cb=quiet
+    )
     try:
         js = nc.jetstream()
         for name in (bucket, f"{bucket}_drain"):

@@ -26,9 +26,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
+from offload.brokers.nats_tls import TLS_OPTIONS, wants_tls
 from offload.errors import ConfigurationError
 
-OPTIONS = ("bucket", "replicas", "transport", "ack_wait", "max_deliver")
+OPTIONS = ("bucket", "replicas", "transport", "ack_wait", "max_deliver", *TLS_OPTIONS)
 # transport=stream: the ready-stream consumers' ack wait (seconds) and MaxDeliver (see nats_stream)
 DEFAULT_ACK_WAIT = 2.0
 DEFAULT_MAX_DELIVER = 1000
@@ -169,7 +170,8 @@ def last_token(key: str) -> str:
 
 
 def parse_nats_url(url: str) -> tuple[list[str], str, int]:
-    """nats://[user:pass@]host:4222[,host2:4222]?bucket=offload&replicas=1 -> (servers, bucket, R)."""
+    """nats://[user:pass@]host:4222[,host2:4222]?bucket=offload&replicas=1 -> (servers, bucket, R).
+    With TLS options (nats_tls) the servers are tls:// addresses."""
     parts = urlsplit(url)
     if parts.scheme != "nats":
         raise ConfigurationError(f"not a NATS URL: {url!r}")
@@ -192,7 +194,8 @@ def parse_nats_url(url: str) -> tuple[list[str], str, int]:
         auth, netloc = netloc.rsplit("@", 1)
         auth += "@"
     hosts = [h for h in netloc.split(",") if h] or ["127.0.0.1:4222"]
-    servers = [f"{parts.scheme}://{auth}{h}" for h in hosts]
+    scheme = "tls" if wants_tls(url) else "nats"  # tls://: TLS or nothing (see nats_tls)
+    servers = [f"{scheme}://{auth}{h}" for h in hosts]
     return servers, bucket, replicas
 
 

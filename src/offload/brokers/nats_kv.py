@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from nats.js.kv import KeyValue
 
 from offload.brokers import nats_keys as k
 from offload.brokers.base import Delivery
+from offload.brokers.nats_tls import tls_context
+from offload.brokers.tls_errors import tls_hint
+from offload.cancellation import stop_tasks
 from offload.errors import BrokerError
 from offload.job import JobInfo, JobState
 from offload.message import decode, decode_value
@@ -64,6 +68,7 @@ class NatsKv:
     def __init__(self, url: str = "nats://127.0.0.1:4222") -> None:
         self.url = url
         self.servers, self.bucket, self.replicas = k.parse_nats_url(url)
+        self.tls = tls_context(url)  # None: plain, unless the server asks for TLS
         self.stream = k.parse_transport(url) == "stream"  # fetch from the work-queue stream
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -94,7 +99,7 @@ class NatsKv:
             raise BrokerError(f"NATS at {self.servers} did not answer in time: {exc}") from exc
         except (nats.errors.ConnectionClosedError, nats.errors.NoServersError, OSError) as exc:
             raise BrokerError(
-                f"cannot reach NATS at {self.servers}: {exc}; is it running? check OFFLOAD_BROKER_URL"
+                f"cannot reach NATS at {self.servers}: {exc}; {_unreachable_hint(exc)}"
             ) from exc
         except js_errors.ServiceUnavailableError as exc:
             raise BrokerError(
@@ -113,27 +118,45 @@ class NatsKv:
     async def connect(self) -> None:
         if self._nc is not None:
             return
+        failures: list[Exception] = []  # what the client met while trying, for the message
+        refused = asyncio.Event()  # a TLS failure: no use trying again until CONNECT_TIMEOUT
+
+        async def note_error(exc: Exception) -> None:
+            failures.append(exc)
+            if isinstance(exc, ssl.SSLError):
+                refused.set()
+            await _log_error(exc)
+
         with self._errors():
-            try:
-                # Once connected, the client reconnects forever (operations meanwhile fail with
-                # BrokerError); the first connection must succeed within CONNECT_TIMEOUT.
-                nc = await asyncio.wait_for(
-                    nats.connect(
-                        servers=self.servers,
-                        connect_timeout=5,
-                        max_reconnect_attempts=-1,
-                        allow_reconnect=True,
-                        error_cb=_log_error,
-                        disconnected_cb=self._log_disconnected,
-                        reconnected_cb=self._log_reconnected,
-                    ),
-                    CONNECT_TIMEOUT,
+            # Once connected, the client reconnects forever (operations meanwhile fail with
+            # BrokerError); the first connection must succeed within CONNECT_TIMEOUT.
+            connecting = asyncio.ensure_future(
+                nats.connect(
+                    servers=self.servers,
+                    tls=self.tls,
+                    connect_timeout=5,
+                    max_reconnect_attempts=-1,
+                    allow_reconnect=True,
+                    error_cb=note_error,
+                    disconnected_cb=self._log_disconnected,
+                    reconnected_cb=self._log_reconnected,
                 )
-            except TimeoutError as exc:
-                raise BrokerError(
-                    f"cannot reach NATS at {self.servers} within {CONNECT_TIMEOUT:.0f}s; is it running? "
-                    "check OFFLOAD_BROKER_URL"
-                ) from exc
+            )
+            refusal = asyncio.ensure_future(refused.wait())
+            try:
+                await asyncio.wait(
+                    {connecting, refusal}, timeout=CONNECT_TIMEOUT, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                refusal.cancel()
+                if not connecting.done():
+                    await stop_tasks([connecting])
+            if connecting.cancelled():
+                when = "" if refused.is_set() else f" within {CONNECT_TIMEOUT:.0f}s"
+                last = f" (last error: {failures[-1]})" if failures else ""
+                hint = _unreachable_hint(failures[-1] if failures else None)
+                raise BrokerError(f"cannot reach NATS at {self.servers}{when}{last}; {hint}")
+            nc = connecting.result()
             try:
                 js = nc.jetstream()
                 self._kv = await self._bucket(js, self.bucket, None)
@@ -531,3 +554,7 @@ def keep_claims(claimed: list[Delivery], failure: BaseException) -> None:
 
 async def _log_error(exc: Exception) -> None:
     log.debug("NATS client error: %s", exc)
+
+
+def _unreachable_hint(exc: BaseException | None) -> str:
+    return tls_hint(exc) or "is it running? check OFFLOAD_BROKER_URL"
