@@ -41,3 +41,24 @@ def test_missing_client_library_names_the_rabbitmq_extra(
     monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` fail
     with pytest.raises(MissingExtraError, match=r"pip install 'offload\[rabbitmq\]'"):
         broker_from_url("amqp://guest:guest@127.0.0.1:5672/")
+
+
+def test_tls_files_go_to_aiormq_under_its_own_names() -> None:
+    options = parse_rabbitmq_url(
+        "amqps://mq/?ssl_ca_certs=/ca.pem&certfile=/c.pem&ssl_keyfile=/k.pem&auth=external"
+    )
+    assert options.amqp_url == (
+        "amqps://mq/?cafile=%2Fca.pem&certfile=%2Fc.pem&keyfile=%2Fk.pem&auth=external&heartbeat=5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("amqp://mq/?cafile=/ca.pem", r"TLS setting: use an amqps:// URL"),
+        ("amqps://mq/?ca_certs=/ca.pem", r"not read by aiormq: use cafile="),
+    ],
+)
+def test_tls_options_that_would_be_ignored_are_refused(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse_rabbitmq_url(url)

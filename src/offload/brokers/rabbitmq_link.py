@@ -34,6 +34,7 @@ import aiormq
 from aiormq import spec
 
 from offload.brokers.rabbitmq_url import RabbitMQOptions, bucket_ms
+from offload.brokers.tls_errors import tls_hint
 from offload.errors import BrokerError
 
 log = logging.getLogger("offload.broker")
@@ -94,9 +95,8 @@ class AmqpLink:
             try:
                 connection = await aio_pika.connect(self.options.amqp_url, timeout=CONNECT_TIMEOUT)
             except Exception as exc:
-                raise BrokerError(
-                    f"cannot reach RabbitMQ at {self.where}: {exc}; is it running? check the broker URL"
-                ) from exc
+                hint = tls_hint(exc) or "is it running? check the broker URL"
+                raise BrokerError(f"cannot reach RabbitMQ at {self.where}: {exc}; {hint}") from exc
             try:
                 channel = await connection.channel(publisher_confirms=True)
                 p = self.prefix

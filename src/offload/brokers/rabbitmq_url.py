@@ -35,6 +35,18 @@ class RabbitMQOptions:
 STATE_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 
 
+# TLS (amqps://): aiormq's own option names, and the names the Redis and NATS brokers use for the
+# same files. auth=external logs in with the client certificate instead of a password.
+TLS_OPTIONS = ("cafile", "capath", "certfile", "keyfile", "no_verify_ssl")
+TLS_ALIASES = {
+    "ssl_ca_certs": "cafile",
+    "ssl_ca_path": "capath",
+    "ssl_certfile": "certfile",
+    "ssl_keyfile": "keyfile",
+}
+MISNAMED = {"ca_certs": "cafile= (or ssl_ca_certs=)"}  # aio-pika's docstring spelling; aiormq ignores it
+
+
 def parse_rabbitmq_url(url: str) -> RabbitMQOptions:
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
@@ -54,6 +66,14 @@ def parse_rabbitmq_url(url: str) -> RabbitMQOptions:
                 raise ConfigurationError(f"{name}={value!r} in the RabbitMQ URL: use a number") from None
             if numbers[name] <= 0:
                 raise ConfigurationError(f"{name}={value!r} in the RabbitMQ URL: must be positive")
+        elif name in TLS_OPTIONS or name in TLS_ALIASES:
+            if parts.scheme != "amqps":  # aiormq would ignore them and connect in plain text
+                raise ConfigurationError(f"{name} in the RabbitMQ URL is a TLS setting: use an amqps:// URL")
+            rest.append((TLS_ALIASES.get(name, name), value))
+        elif name in MISNAMED:
+            raise ConfigurationError(
+                f"{name} in the RabbitMQ URL is not read by aiormq: use {MISNAMED[name]}"
+            )
         else:
             rest.append((name, value))  # aio-pika's own options (heartbeat, ...)
     if not prefix:
