@@ -29,6 +29,7 @@ SYSTEMS: dict[str, System] = {
         OffloadSystem(SQLITE, "fast"),
         HueySystem("sqlite"),
         OffloadSystem(REDIS),
+        OffloadSystem(REDIS, async_task=True),
         HueySystem("redis"),
         DramatiqSystem(REDIS),
         CelerySystem(REDIS),

@@ -65,13 +65,18 @@ class OffloadSystem(System):
     """broker: "sqlite" (with durability "strict" or "fast"), "redis", "postgres", "rabbitmq",
     "nats"."""
 
-    def __init__(self, broker: str, durability: str = "") -> None:
+    def __init__(self, broker: str, durability: str = "", async_task: bool = False) -> None:
+        """async_task: the job is an `async def` task (run on the worker's event loop) instead of
+        a sync one (run on a thread), to show what the hand-off to a thread costs."""
         self.broker = broker
         self.durability = durability
+        self.async_task = async_task
         self.name = f"offload-{broker}-{durability}" if durability else f"offload-{broker}"
+        if async_task:
+            self.name += "-async"
         self.group = broker
         send = "enqueue-bulk uses app.send_many (one call per 5,000 jobs)"
-        tasks = "tasks on the thread executor"
+        tasks = "an async def task (on the event loop)" if async_task else "tasks on the thread executor"
         if broker == SQLITE:
             self.notes = f"SQLite WAL, durability={durability}; {send}; worker: {WORKER}, {tasks}"
         elif broker == REDIS:
@@ -120,9 +125,10 @@ class OffloadSystem(System):
         return None
 
     def env(self, settings: Settings) -> dict[str, str]:
+        task = {"BENCH_OFFLOAD_ASYNC_TASK": "1" if self.async_task else "0"}
         if self.broker == SQLITE:
-            return {"BENCH_OFFLOAD_DURABILITY": self.durability}
-        return {"BENCH_OFFLOAD_URL": self.url(settings) or ""}
+            return {"BENCH_OFFLOAD_DURABILITY": self.durability, **task}
+        return {"BENCH_OFFLOAD_URL": self.url(settings) or "", **task}
 
     def unavailable(self, settings: Settings, env: dict[str, str]) -> str | None:
         missing = super().unavailable(settings, env)
