@@ -6,24 +6,18 @@ Needs nats-server and the openssl command: skipped without them, failed instead 
 
 from __future__ import annotations
 
-import asyncio
 import os
+import re
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
-from contract.tls_certs import make_certificates
-from offload import App, BrokerError, ConfigurationError
+from contract.tls_support import TlsServer, connect_error, double_over, tls_server
+from offload import ConfigurationError
 from offload.brokers import nats_keys
 from offload.brokers.nats_tls import tls_context
-from offload.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,92 +52,39 @@ def test_unusable_tls_options_are_named_when_the_url_is_read(query: str, message
 # -- a server of our own ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TlsServer:
-    port: int
-    certs: Path
-
-    def url(self, client_cert: bool = True) -> str:
-        query = {"ssl_ca_certs": str(self.certs / "ca.crt"), "bucket": "tls_test"}
-        if client_cert:
-            query |= {
-                "ssl_certfile": str(self.certs / "client.crt"),
-                "ssl_keyfile": str(self.certs / "client.key"),
-            }
-        return f"nats://127.0.0.1:{self.port}?" + "&".join(f"{k}={quote(v)}" for k, v in query.items())
-
-
 @pytest.fixture
-def tls_server(tmp_path: Path) -> Iterator[TlsServer]:
-    if NATS_SERVER is None or shutil.which("openssl") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("nats-server or openssl is not installed; CI=true requires them")
-        pytest.skip("nats-server or openssl is not installed")
-    make_certificates(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            NATS_SERVER,
-            *("-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js")),
+def server(tmp_path: Path) -> Iterator[TlsServer]:
+    def nats_server(port: int, log: Path) -> list[str]:
+        return [
+            NATS_SERVER or "nats-server",
+            *("-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js"), "-l", str(log)),
             *("--tls", "--tlscert", "server.crt", "--tlskey", "server.key", "--tlscacert", "ca.crt"),
             "--tlsverify",
-            *("-l", str(tmp_path / "nats.log")),
-        ],
-        cwd=tmp_path,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert process.poll() is None, f"nats-server exited: {(tmp_path / 'nats.log').read_text()[-500:]}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nats-server did not start listening"
-                time.sleep(0.05)
-        yield TlsServer(port, tmp_path)
-    finally:
-        process.terminate()
-        process.wait(10)
+        ]
+
+    with tls_server(tmp_path, NATS_SERVER, nats_server) as running:
+        yield running
+
+
+def url(server: TlsServer, client_cert: bool = True) -> str:
+    return f"nats://127.0.0.1:{server.port}?bucket=tls_test&{server.tls_query(client_cert)}"
 
 
 async def test_jobs_round_trip_over_tls_with_a_private_ca_and_a_client_certificate(
-    tls_server: TlsServer,
+    server: TlsServer,
 ) -> None:
-    app = App(tls_server.url(), name="tls")
-
-    @app.task
-    def double(n: int) -> int:
-        return 2 * n
-
-    try:
-        sent = [await double.send_async(n) for n in range(3)]
-        await asyncio.wait_for(Worker(app, ["default"], concurrency=2, burst=True).run(), 30)
-        assert [await job.wait(5) for job in sent] == [0, 2, 4]
-    finally:
-        await app.close_async()
+    assert await double_over(url(server)) == [0, 2, 4]
 
 
 async def test_a_client_without_the_certificate_the_server_verifies_gets_a_broker_error(
-    tls_server: TlsServer,
+    server: TlsServer,
 ) -> None:
-    app = App(tls_server.url(client_cert=False), name="tls")
-    try:
-        with pytest.raises(BrokerError, match=r"cannot reach NATS"):
-            await app.broker()
-    finally:
-        await app.close_async()
+    assert "cannot reach NATS" in str(await connect_error(url(server, client_cert=False)))
 
 
 async def test_a_server_certificate_from_an_unknown_ca_is_refused_with_what_to_set(
-    tls_server: TlsServer,
+    server: TlsServer,
 ) -> None:
-    client = f"ssl_certfile={tls_server.certs / 'client.crt'}&ssl_keyfile={tls_server.certs / 'client.key'}"
-    app = App(f"nats://127.0.0.1:{tls_server.port}?{client}", name="tls")  # the system's CAs only
-    try:
-        with pytest.raises(BrokerError, match=r"certificate verify failed.*ssl_ca_certs"):
-            await app.broker()
-    finally:
-        await app.close_async()
+    client = f"ssl_certfile={server.certs / 'client.crt'}&ssl_keyfile={server.certs / 'client.key'}"
+    error = await connect_error(f"nats://127.0.0.1:{server.port}?{client}")  # the system's CAs only
+    assert re.search(r"certificate verify failed.*ssl_ca_certs", str(error))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import ssl
 from collections.abc import AsyncIterator
@@ -23,9 +24,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from contract import rabbitmq_store
-from contract.tls_certs import make_certificates
-from offload import App, BrokerError
-from offload.worker import Worker
+from contract.tls_support import connect_error, double_over, make_certificates
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,27 +100,14 @@ async def test_jobs_round_trip_over_tls_with_a_private_ca_and_a_client_certifica
             ("ssl_keyfile", "client.key"),
         )
     )
-    app = App(f"{url}&{tls}", name="tls")
-
-    @app.task
-    def double(n: int) -> int:
-        return 2 * n
-
-    try:
-        sent = [await double.send_async(n) for n in range(3)]
-        await asyncio.wait_for(Worker(app, ["default"], concurrency=2, burst=True).run(), 30)
-        assert [await job.wait(5) for job in sent] == [0, 2, 4]
-    finally:
-        await app.close_async()
+    assert await double_over(f"{url}&{tls}") == [0, 2, 4]
 
 
 async def test_a_server_certificate_from_an_unknown_ca_is_refused_with_what_to_set(
     amqps: tuple[str, Path],
 ) -> None:
     url, certs = amqps
-    app = App(f"{url}&certfile={quote(str(certs / 'client.crt'))}&keyfile={quote(str(certs / 'client.key'))}")
-    try:
-        with pytest.raises(BrokerError, match=r"certificate verify failed.*ssl_ca_certs"):
-            await app.broker()
-    finally:
-        await app.close_async()
+    error = await connect_error(
+        f"{url}&certfile={quote(str(certs / 'client.crt'))}&keyfile={quote(str(certs / 'client.key'))}"
+    )
+    assert re.search(r"certificate verify failed.*ssl_ca_certs", str(error))

@@ -8,23 +8,15 @@ when CI=true.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import socket
-import subprocess
-import time
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
-from contract.tls_certs import make_certificates
-from offload import App, BrokerError, ConfigurationError
+from contract.tls_support import TlsServer, connect_error, double_over, tls_server
+from offload import ConfigurationError
 from offload.brokers.redis_url import parse_redis_url
-from offload.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -66,110 +58,42 @@ def test_the_client_keys_password_is_never_shown() -> None:
 # -- a server of our own ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TlsServer:
-    port: int
-    certs: Path
-
-    def url(self, client_cert: bool = True, **options: str) -> str:
-        query = {"ssl_ca_certs": str(self.certs / "ca.crt"), "prefix": "tls-test:", **options}
-        if client_cert:
-            query |= {
-                "ssl_certfile": str(self.certs / "client.crt"),
-                "ssl_keyfile": str(self.certs / "client.key"),
-            }
-        return f"rediss://127.0.0.1:{self.port}/0?" + "&".join(f"{k}={quote(v)}" for k, v in query.items())
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{what}; CI=true requires it")
-    pytest.skip(what)
-
-
 @pytest.fixture
-def tls_server(tmp_path: Path) -> Iterator[TlsServer]:
-    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
-        _missing("redis-server or openssl is not installed")
-    make_certificates(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "redis.log"
-    process = subprocess.Popen(
-        [
+def server(tmp_path: Path) -> Iterator[TlsServer]:
+    def redis_server(port: int, log: Path) -> list[str]:
+        return [
             "redis-server",
             *("--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
-            *(
-                "--tls-cert-file",
-                "server.crt",
-                "--tls-key-file",
-                "server.key",
-                "--tls-ca-cert-file",
-                "ca.crt",
-            ),
+            *("--tls-cert-file", "server.crt", "--tls-key-file", "server.key"),
+            *("--tls-ca-cert-file", "ca.crt"),
             *("--save", "", "--appendonly", "no", "--dir", str(tmp_path), "--logfile", str(log)),
-        ],
-        cwd=tmp_path,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if process.poll() is not None:
-                _missing(
-                    f"redis-server with TLS did not start (built without TLS?): {log.read_text()[-500:]}"
-                )
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start listening"
-                time.sleep(0.05)
-        yield TlsServer(port, tmp_path)
-    finally:
-        process.terminate()
-        process.wait(10)
+        ]
+
+    with tls_server(tmp_path, "redis-server", redis_server) as running:
+        yield running
+
+
+def url(server: TlsServer, client_cert: bool = True) -> str:
+    return f"rediss://127.0.0.1:{server.port}/0?prefix=tls-test:&{server.tls_query(client_cert)}"
 
 
 async def test_jobs_round_trip_over_tls_with_a_private_ca_and_a_client_certificate(
-    tls_server: TlsServer,
+    server: TlsServer,
 ) -> None:
-    app = App(tls_server.url(), name="tls")
-
-    @app.task
-    def double(n: int) -> int:
-        return 2 * n
-
-    try:
-        sent_async = await double.send_async(1)  # the async client's connections
-        sent_blocking = await asyncio.to_thread(double.send, 2)  # a sync sender's own connections
-        await asyncio.wait_for(Worker(app, ["default"], concurrency=2, burst=True).run(), 30)
-        assert await sent_async.wait(5) == 2
-        assert await sent_blocking.wait(5) == 4
-    finally:
-        await app.close_async()
+    # Async sends use the async client's connections; the fourth, from a thread, a sync sender's.
+    assert await double_over(url(server), blocking_too=True) == [0, 2, 4, 6]
 
 
 async def test_a_client_without_the_certificate_the_server_asks_for_gets_a_broker_error(
-    tls_server: TlsServer,
+    server: TlsServer,
 ) -> None:
-    app = App(tls_server.url(client_cert=False), name="tls")
-    try:
-        # The server's alert, or (when it arrives after the client's first read) a reset.
-        with pytest.raises(
-            BrokerError, match=r"(certificate required|reset by peer).*ssl_certfile and ssl_keyfile"
-        ):
-            await app.broker()
-    finally:
-        await app.close_async()
+    error = await connect_error(url(server, client_cert=False))
+    # The server's alert, or (when it arrives after the client's first read) a reset.
+    assert re.search(r"(certificate required|reset by peer).*ssl_certfile and ssl_keyfile", str(error))
 
 
 async def test_a_server_certificate_from_an_unknown_ca_is_refused_with_what_to_set(
-    tls_server: TlsServer,
+    server: TlsServer,
 ) -> None:
-    app = App(f"rediss://127.0.0.1:{tls_server.port}/0", name="tls")  # the system's CAs only
-    try:
-        with pytest.raises(BrokerError, match=r"certificate verify failed.*ssl_ca_certs"):
-            await app.broker()
-    finally:
-        await app.close_async()
+    error = await connect_error(f"rediss://127.0.0.1:{server.port}/0")  # the system's CAs only
+    assert re.search(r"certificate verify failed.*ssl_ca_certs", str(error))
