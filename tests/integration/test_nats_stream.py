@@ -8,6 +8,7 @@ CI=true). Each test has buckets of its own, deleted afterwards with the contract
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -172,3 +173,20 @@ async def test_a_full_ready_stream_refuses_the_batch_with_queue_full(app_url: st
         await broker.enqueue([_job(i) for i in range(4, 7)])  # room again
     finally:
         await broker.close()
+
+
+async def test_an_unreachable_server_is_a_broker_error_after_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from offload.brokers import nats_kv
+
+    monkeypatch.setattr(nats_kv, "CONNECT_TIMEOUT", 1.0)  # the first connect rides out 10 s by default
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    b = NatsBroker(f"nats://127.0.0.1:{port}?bucket=nowhere")
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match=r"cannot reach NATS .* within 1s .*is it running\?"):
+        await b.connect()
+    assert time.monotonic() - started < 5
+    await b.close()
