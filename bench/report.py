@@ -7,6 +7,8 @@ import math
 import statistics
 from typing import Any
 
+from bench.scenarios import SAMPLES, percentile
+
 # (label, scenario, metric, higher is better)
 ROWS: list[tuple[str, str, str, bool]] = [
     ("enqueue one by one (jobs/s)", "enqueue-one", "jobs_per_s", True),
@@ -37,8 +39,15 @@ EXTRA_ROWS: list[tuple[str, str, str]] = [
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """system -> scenario -> metric -> median over the successful repeats."""
+    """system -> scenario -> metric -> median over the successful repeats.
+
+    Latency percentiles are the exception: they are taken over every job of every repeat pooled
+    (3 x 1,000 waits by default), not as the median of each repeat's percentile. A repeat's p99 is
+    its tenth-slowest job, and one noisy repeat moves it a lot; pooling gives the tail three times
+    the samples.
+    """
     grouped: dict[str, dict[str, dict[str, list[float]]]] = {}
+    pooled: dict[tuple[str, str], list[float]] = {}
     for run in runs:
         if run.get("error"):
             continue
@@ -46,13 +55,20 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]
         for key, value in run["metrics"].items():
             if isinstance(value, int | float):
                 metrics.setdefault(key, []).append(value)
-    return {
+        if SAMPLES in run:
+            pooled.setdefault((run["system"], run["scenario"]), []).extend(run[SAMPLES])
+    summary = {
         system: {
             scenario: {key: statistics.median(values) for key, values in metrics.items()}
             for scenario, metrics in scenarios.items()
         }
         for system, scenarios in grouped.items()
     }
+    for (system, scenario), waits in pooled.items():
+        waits.sort()
+        for pct in (50, 90, 99):
+            summary[system][scenario][f"p{pct}_ms"] = percentile(waits, pct)
+    return summary
 
 
 def ratios(summary: dict[str, Any], baseline: str, systems: list[str]) -> dict[str, dict[str, float]]:
@@ -239,7 +255,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# offload benchmark",
         "",
         f"`{meta['command']}` — {meta['started']}, {meta['elapsed_s']:.0f} s, "
-        f"medians of {meta['repeat']} repeat(s).{quick}",
+        f"medians of {meta['repeat']} repeat(s) (latency percentiles: over every repeat's jobs "
+        f"pooled).{quick}",
         "",
         f"Machine: {meta['machine']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from bench import report, servers, source
-from bench.scenarios import REPO_ROOT, SCENARIOS, Context, Counts
+from bench.scenarios import REPO_ROOT, SAMPLES, SCENARIOS, Context, Counts
 from bench.systems import GROUPS, SYSTEMS, Settings, System
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     _clean_up(settings, systems, redis_client)
     summary = report.medians(runs)
+    for run in runs:
+        run.pop(SAMPLES, None)  # 1,000 numbers per latency run: the summary has what they give
     names = [s.name for s in systems]
     groups = {
         group: {"baseline": baseline, "systems": [s.name for s in systems if s.group == group]}
@@ -313,6 +315,9 @@ def _measure(
         _reset_servers(settings, system, redis_client)
         system.reset(settings, ctx.env(system))
         record["metrics"] = SCENARIOS[scenario](ctx, system)
+        samples = record["metrics"].pop(SAMPLES, None)
+        if samples is not None:
+            record[SAMPLES] = samples  # pooled by report.medians, dropped before the JSON is written
         detail = record["metrics"].pop("detail", None)
         if detail:
             record["detail"] = detail

@@ -222,7 +222,7 @@ def cpu_2p(ctx: Context, system: System) -> dict[str, Any]:
     return _drain(ctx, system, 2, "cpu", ctx.counts.cpu)
 
 
-def latency(ctx: Context, system: System) -> dict[str, float]:
+def latency(ctx: Context, system: System) -> dict[str, Any]:
     counts = ctx.counts
     n = round(counts.latency_rate * counts.latency_seconds)
     workers, records = _start_workers(ctx, system, 1)
@@ -240,7 +240,13 @@ def latency(ctx: Context, system: System) -> dict[str, float]:
         "max_ms": waits[-1] * 1000,
         "sent_per_s": n / sent["seconds"],
         "producer_late_max_ms": sent["late_max_s"] * 1000,
+        # Every job's wait, for percentiles over all repeats pooled (report.medians); not written
+        # to the JSON.
+        SAMPLES: [w * 1000 for w in waits],
     }
+
+
+SAMPLES = "samples_ms"  # a latency run's metric holding each job's wait (ms)
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
