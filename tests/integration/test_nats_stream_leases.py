@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js import errors as js_errors
 
 from contract import nats_store
 from offload import JobState
@@ -261,3 +262,37 @@ async def test_a_job_left_running_whose_message_is_gone_is_recovered_by_maintena
     assert (d2.job_id, d2.deliveries) == (sent.job_id, 2)
     assert await worker.settle([Settle(d1, "ack")]) == [False]
     assert await other.settle([Settle(d2, "ack")]) == [True]
+
+
+async def test_a_job_whose_max_deliver_advisory_was_missed_is_recovered_by_maintenance(
+    connect: Callable[..., Awaitable[NatsBroker]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last resort again, for the other way a job is left running: its message reached the
+    consumers' max_deliver (2, below the job's max_deliveries of 5), so JetStream will not
+    deliver it again, and the advisory that would have said so was missed (no process was
+    subscribed at that moment). Maintenance requeues the job with a new message once its lease
+    has long run out, and deletes the exhausted one."""
+
+    async def missed(self: NatsBroker, msg: Any) -> None:
+        return None  # the advisory never arrives
+
+    monkeypatch.setattr(NatsBroker, "_on_max_deliveries", missed)
+    a, b, c = [await connect("&max_deliver=2") for _ in range(3)]
+    [sent] = await a.enqueue([_job(0.05, max_deliveries=5)])
+    [d1] = await a.fetch(["default"], 1, 0)
+    _go_silent(a)
+    [d2] = await b.fetch(["default"], 1, 10)  # the message's second (and last) delivery
+    assert d2.deliveries == 2
+    exhausted, _ = _held_seq(b, d2)
+    _go_silent(b)
+    c.rescue_after = 0.5  # instead of ack_wait + 30 s
+    [d3] = await c.fetch(["default"], 1, 15)
+    assert (d3.job_id, d3.deliveries) == (sent.job_id, 3)
+    assert c._js is not None
+    with pytest.raises(js_errors.NotFoundError):
+        await c._js.get_msg(c._ready_stream, exhausted)  # deleted with the rescue
+    assert await a.settle([Settle(d1, "ack")]) == [False]
+    assert await b.settle([Settle(d2, "ack")]) == [False]
+    assert await c.settle([Settle(d3, "ack")]) == [True]
+    info = await c.get_job(sent.job_id)
+    assert info is not None and info.state is JobState.SUCCEEDED
