@@ -211,19 +211,31 @@ async def test_a_job_delivered_max_deliveries_times_lands_in_the_dlq_with_a_clea
     assert (await _consumer(c)).num_ack_pending == 0
 
 
-async def test_the_servers_max_deliver_advisory_dead_letters_the_job(
+async def _exhaust_the_message(
     connect: Callable[..., Awaitable[NatsBroker]],
-) -> None:
-    """The consumers' max_deliver (here 2) is reached before the job's max_deliveries (5): the
-    server will not deliver the message again and says so in an advisory; the job is
-    dead-lettered and the message deleted, so nothing stays un-acked for ever."""
+) -> tuple[NatsBroker, NatsBroker, NatsBroker, Any, Delivery, Delivery, int]:
+    """Three brokers whose consumers have max_deliver=2, and a job (max_deliveries 5) whose
+    message the first two took in turn and went silent with: JetStream will not deliver it
+    again. Returns (a, b, c, the job as enqueued, a's delivery, b's delivery, the message's
+    stream sequence)."""
     a, b, c = [await connect("&max_deliver=2") for _ in range(3)]
     [sent] = await a.enqueue([_job(0.05, max_deliveries=5)])
     [d1] = await a.fetch(["default"], 1, 0)
     _go_silent(a)
     [d2] = await b.fetch(["default"], 1, 10)  # the message's second (and last) delivery
     assert d2.deliveries == 2
+    seq, _ = _held_seq(b, d2)
     _go_silent(b)
+    return a, b, c, sent, d1, d2, seq
+
+
+async def test_the_servers_max_deliver_advisory_dead_letters_the_job(
+    connect: Callable[..., Awaitable[NatsBroker]],
+) -> None:
+    """The consumers' max_deliver (here 2) is reached before the job's max_deliveries (5): the
+    server will not deliver the message again and says so in an advisory; the job is
+    dead-lettered and the message deleted, so nothing stays un-acked for ever."""
+    a, b, c, sent, d1, d2, _ = await _exhaust_the_message(connect)
 
     async def dead() -> bool:
         assert await c.fetch(["default"], 1, 0.2) == []
@@ -277,14 +289,7 @@ async def test_a_job_whose_max_deliver_advisory_was_missed_is_recovered_by_maint
         return None  # the advisory never arrives
 
     monkeypatch.setattr(NatsBroker, "_on_max_deliveries", missed)
-    a, b, c = [await connect("&max_deliver=2") for _ in range(3)]
-    [sent] = await a.enqueue([_job(0.05, max_deliveries=5)])
-    [d1] = await a.fetch(["default"], 1, 0)
-    _go_silent(a)
-    [d2] = await b.fetch(["default"], 1, 10)  # the message's second (and last) delivery
-    assert d2.deliveries == 2
-    exhausted, _ = _held_seq(b, d2)
-    _go_silent(b)
+    a, b, c, sent, d1, d2, exhausted = await _exhaust_the_message(connect)
     c.rescue_after = 0.5  # instead of ack_wait + 30 s
     [d3] = await c.fetch(["default"], 1, 15)
     assert (d3.job_id, d3.deliveries) == (sent.job_id, 3)
